@@ -1,0 +1,125 @@
+"""Shared Triton helpers: ahead-of-time compilation for real GPUs (no GPU needed) and its resource report.
+
+Each Triton kernel module defines `compile_specs()` -> list of `AotSpec` at GPT-2 shapes. The static
+report (`python bench/run.py --static`) and the compile tests run `aot_compile(spec, arch)` on each,
+which compiles with Triton's own compiler for `GPUTarget("cuda", arch, 32)`, then runs Triton's bundled
+`ptxas -v` on the PTX to read registers, spill bytes and the shared memory, and counts the 128-bit
+global loads in the PTX.
+"""
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+# Shared memory a block may use (opt-in maximum), bytes.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+
+@dataclass
+class AotSpec:
+    name: str  # a label for the report, e.g. "layer_norm_fwd bf16 C=768"
+    fn: object  # the @triton.jit function (not an autotuner: pass autotuner.fn with one config)
+    signature: dict  # arg name -> "*bf16" / "*fp32" / "i32" / "fp32" / "constexpr"
+    constexprs: dict  # constexpr name -> value
+    aligned: tuple = ()  # arg names the JIT would specialize as divisible by 16 (pointers, strides)
+    num_warps: int = 4
+    num_stages: int = 3
+    expect_ld128: bool = True  # the main global loads should be 128-bit (memory-bound kernels)
+    extra: dict = field(default_factory=dict)
+
+
+def _ptxas():
+    import triton.backends.nvidia as nv
+
+    return os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
+
+
+def aot_compile(spec, arch):
+    """Compile `spec` for sm_<arch>; return a dict with registers, spill bytes, shared bytes, ld128 count."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(spec.signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
+    src = ASTSource(spec.fn, spec.signature, spec.constexprs, attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    ptx = kernel.asm["ptx"]
+    gpu = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1).rstrip(",")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([_ptxas(), "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ptxas failed for {spec.name} on sm_{arch}:\n{out.stderr}")
+    log = out.stderr + out.stdout
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill_st, spill_ld = (int(x) for x in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    stack = int(re.search(r"(\d+) bytes stack frame", log).group(1))
+    shared = kernel.metadata.shared
+    return {
+        "name": spec.name, "arch": f"sm_{arch}", "registers": regs, "spill_bytes": spill_st + spill_ld,
+        "stack_bytes": stack, "shared_bytes": shared, "shared_limit": SHARED_LIMIT[arch],
+        "ld128": len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.(?:b32|u32|f32|s32)", ptx))
+        + len(re.findall(r"ld\.global(?:\.\w+)*\.v2\.(?:b64|u64|f64)", ptx)),
+        "ld_total": len(re.findall(r"ld\.global", ptx)),
+        "expect_ld128": spec.expect_ld128, "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+    }
+
+
+def check_report(row):
+    """Problems with one aot_compile row (empty list = fine)."""
+    problems = []
+    if row["spill_bytes"]:
+        problems.append(f"{row['spill_bytes']} bytes of register spills")
+    if row["shared_bytes"] > row["shared_limit"]:
+        problems.append(f"shared memory {row['shared_bytes']} > {row['shared_limit']}")
+    if row["expect_ld128"] and row["ld128"] == 0:
+        problems.append("no 128-bit global loads")
+    return problems
+
+
+def static_report(modules, archs=(80, 90)):
+    """AOT-compile every `compile_specs()` of the given kernel modules (e.g. ["kernels.layernorm"]).
+
+    Runs in a subprocess without TRITON_INTERPRET (under the interpreter, @triton.jit makes
+    interpreter functions that the real compiler cannot take). Returns a list of report rows; a row
+    whose compile failed has an "error" key.
+    """
+    import json
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "kernels._triton_utils", ",".join(str(a) for a in archs), *modules]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"static compile report failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _main(argv):
+    import importlib
+    import json
+
+    archs = [int(a) for a in argv[0].split(",")]
+    rows = []
+    for name in argv[1:]:
+        for spec in importlib.import_module(name).compile_specs():
+            for arch in archs:
+                try:
+                    row = aot_compile(spec, arch)
+                except Exception as e:  # reported, and flagged by check_report's caller
+                    row = {"name": spec.name, "arch": f"sm_{arch}", "error": f"{type(e).__name__}: {e}"}
+                row["module"] = name
+                rows.append(row)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])

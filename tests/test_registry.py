@@ -1,0 +1,73 @@
+"""kernels.get_ops: spec parsing, error paths, and no silent fallback."""
+import subprocess
+import sys
+
+import pytest
+
+import kernels
+from kernels import BackendUnavailable, get_ops, reference
+
+
+def test_torch_spec_is_reference():
+    ops = get_ops("torch")
+    assert ops.layer_norm is reference.layer_norm and ops.attention is reference.attention
+    assert ops.AdamW is reference.AdamW
+    assert all(b == "torch" for b in ops.backends.values())
+    assert not ops.fused_classifier
+
+
+def test_overrides_parse():
+    backends, explicit = kernels.parse_spec("torch, attention=torch ,linear_cross_entropy=torch")
+    assert backends["attention"] == "torch" and explicit == {"attention", "linear_cross_entropy"}
+    assert get_ops("torch,linear_cross_entropy=torch").fused_classifier
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("tpu", "unknown backend 'tpu'; valid backends: torch, triton, cuda"),
+    ("torch,softmax=triton", "unknown op 'softmax'; valid ops: layer_norm"),
+    ("torch,gelu=jax", "unknown backend 'jax'"),
+    ("gelu=triton", "must start with a default backend"),
+    ("torch,gelu", "not of the form op=backend"),
+    ("torch,gelu=torch,gelu=torch", "given twice"),
+    ("", "non-empty"),
+])
+def test_bad_specs_raise_value_error(spec, needle):
+    with pytest.raises(ValueError, match=None) as e:
+        get_ops(spec)
+    assert needle in str(e.value)
+
+
+def test_unimplemented_op_raises_with_reason():
+    with pytest.raises(BackendUnavailable, match="not implemented by backend 'cuda'"):
+        get_ops("torch,layer_norm=cuda")
+
+
+def test_triton_without_gpu_or_interpreter_raises():
+    # A fresh interpreter without TRITON_INTERPRET and without a GPU: triton must be refused, not
+    # silently replaced by torch.
+    code = ("import torch, kernels\n"
+            "if torch.cuda.is_available(): print('SKIP'); raise SystemExit\n"
+            "try:\n    kernels.get_ops('torch,gelu=triton')\nexcept kernels.BackendUnavailable as e:\n    print('REFUSED', e)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.startswith("SKIP"):
+        pytest.skip("a GPU is visible")
+    assert "REFUSED" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
+
+
+def test_available_table_covers_everything():
+    table = kernels.available()
+    assert set(table) == set(kernels.BACKENDS)
+    for backend, ops in table.items():
+        assert set(ops) == set(kernels.OPS)
+        for op, (ok, reason) in ops.items():
+            assert ok or reason, f"{backend}/{op} unavailable without a reason"
+    assert all(ok for ok, _ in table["torch"].values())
+
+
+def test_python_m_kernels_prints_table():
+    out = subprocess.run([sys.executable, "-m", "kernels"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for name in ("[torch]", "[triton]", "[cuda]", "layer_norm", "AdamW"):
+        assert name in out.stdout

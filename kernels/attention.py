@@ -1,0 +1,525 @@
+"""Causal self-attention in Triton with the FlashAttention-2 algorithm, as torch ops gpt2k::attention_fwd / _bwd.
+
+What is fused (q, k, v: (B, H, T, D), causal, scale 1/sqrt(D); S = QK^T/sqrt(D), P = softmax(S + mask))
+  forward   one program per (query tile of BLOCK_M rows, batch*head). It streams key/value tiles of BLOCK_N
+            rows through an online softmax in fp32: running max m and sum l per row, the accumulator
+            rescaled by exp2(m_old - m_new) when the max grows, divided by l once at the end. Scores are
+            scaled by log2(e)/sqrt(D) so the exponentials are exp2. The (T, T) scores never reach memory;
+            only the output and one fp32 log-sum-exp per row (LSE, natural log) are written.
+  backward  recomputes P tile by tile from Q, K and the LSE (P = exp2(S*log2e - LSE*log2e)), FA2 style:
+            1. preprocess: delta = rowsum(dO * O) (fp32, one value per query row);
+            2. dK/dV kernel: one program per key tile; loops over the query tiles at or below the
+               diagonal: dV += P^T dO, dS = P * (dO V^T - delta), dK += dS^T Q;
+            3. dQ kernel: one program per query tile; loops over the key tiles up to the diagonal:
+               dQ += dS K.
+            Every output tile is owned by one program and summed in a fixed order: no atomics, the same
+            inputs give bitwise the same gradients.
+  Causal skipping: tiles entirely above the diagonal are never visited (loop bounds). Each loop runs in
+  two stages: the tiles strictly below the diagonal without any mask, then the diagonal tiles with the
+  causal mask (which also masks the keys past T). Hence BLOCK_M % BLOCK_N == 0 in the forward and the
+  dQ kernel, BLOCK_N % BLOCK_M == 0 in the dK/dV kernel.
+  Strides: q, k, v (and dO) are read through their strides, so the model's views of the fused qkv
+  projection ((B, T, 3C).split + view + transpose) are not copied; only a tensor whose last dim is not
+  contiguous is. Outputs (O, dQ, dK, dV) take the dimension order of their input (torch.empty_like): for
+  the model that is (B, T, H, D) memory, so its transpose(1, 2).reshape(B, T, C) after attention is free.
+  Dtypes: bf16 and fp16 take tensor-core dots with fp32 accumulation, P and dS are rounded to the input
+  dtype before their dots (as FlashAttention does). fp32 is accepted and computed with exact fp32 dots
+  (input_precision="ieee", no TF32) on the GPU and in the interpreter alike: a correctness path, slow.
+
+FLOPs (causal, counting only the unmasked half): forward 2 * 2 * B*H*T*T*D / 2 (QK^T and PV), backward
+  2.5x that (QK^T recomputed, dV, dP, dQ, dK). B=16, H=12, T=1024, D=64: fwd 0.41 TFLOP, bwd 1.03 TFLOP.
+Bytes (floor, s bytes per element): forward reads q, k, v, writes o and the LSE: 4*B*H*T*D*s + 4*B*H*T;
+  backward reads q, k, v, o, dO, LSE, writes dq, dk, dv (and delta): 8*B*H*T*D*s + 12*B*H*T. At T=1024,
+  D=64 that is ~2*T/4 ~ 500 FLOPs per byte before K/V re-reads: compute bound, unlike the other kernels.
+
+Test: pytest tests/test_attention.py (interpreter on CPU, real kernel and bf16 on a GPU).
+Benchmark: python bench/run.py (attention); static report: compile_specs() via kernels/_triton_utils.py.
+On a GPU each kernel is autotuned (configs and prune function below) per (next power of two of T, D, dtype);
+in the interpreter each uses one fixed small config (_INTERPRETER_CONFIG).
+"""
+import contextlib
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._triton_utils import AotSpec
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+HEAD_DIMS = (32, 64, 128)
+LOG2E = 1.4426950408889634
+
+
+# ---- kernels -------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi, offs_m, offs_n, T, qk_scale,
+               BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over the key tiles [lo, hi). Without CAUSAL_MASK every key is < T and <= every query."""
+    for start_n in range(lo, hi, BLOCK_N):
+        if CAUSAL_MASK:
+            kv_ok = (start_n + offs_n) < T
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N) fp32, unscaled
+        if CAUSAL_MASK:
+            s = tl.where(offs_m[:, None] >= (start_n + offs_n)[None, :], s, float("-inf"))
+        # The first tile of every row holds its key 0 or a key below the diagonal, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,  # (B, H, T, D) inputs, any strides with a unit last-dim stride
+    O,  # (B, H, T, D) output, q's dtype, unit last-dim stride
+    LSE,  # (B, H, T) fp32, contiguous: log-sum-exp of each row's scaled scores (natural log)
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_ob, stride_oh, stride_ot,
+    H, T,
+    T_BUCKET,  # next power of two >= T: only an autotune key
+    qk_scale,  # log2(e) / sqrt(D)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per loop step, divides BLOCK_M
+    DOT_PREC: tl.constexpr,  # "ieee" for fp32 inputs (ignored for 16-bit ones)
+):
+    # Heaviest tiles (most keys) first, so the short ones fill the tail of the launch.
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < T
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of scaled scores (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    diag = start_m * BLOCK_M
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, diag,
+                               offs_m, offs_n, T, qk_scale, BLOCK_N, False, DOT_PREC)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, diag,
+                               tl.minimum(diag + BLOCK_M, T), offs_m, offs_n, T, qk_scale, BLOCK_N, True, DOT_PREC)
+
+    out = acc / l_i[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(
+    O, DO,  # (B, H, T, D) output and its gradient, unit last-dim stride
+    DELTA,  # (B, H, T) fp32, contiguous: rowsum(dO * O)
+    stride_ob, stride_oh, stride_ot,
+    stride_dob, stride_doh, stride_dot,
+    H, T,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < T
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=m_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=m_ok)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, lo, hi, offs_n, T,
+                qk_scale, BLOCK_M: tl.constexpr, CAUSAL_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles [lo, hi). Transposed tiles: rows are keys."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < T
+        q = tl.load(q_ptrs + start_m * stride_qt, mask=m_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs + start_m * stride_dot, mask=m_ok[:, None], other=0.0)
+        # Rows past T get LSE = +inf, hence P = 0: they add nothing.
+        lse2 = tl.load(lse_ptr + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M)
+        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
+        if CAUSAL_MASK:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO,  # (B, H, T, D) inputs and the output's gradient, unit last-dim stride
+    DK, DV,  # (B, H, T, D) outputs, unit last-dim stride
+    LSE, DELTA,  # (B, H, T) fp32, contiguous
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dkb, stride_dkh, stride_dkt,
+    stride_dvb, stride_dvh, stride_dvt,
+    H, T,
+    T_BUCKET,  # autotune key only
+    sm_scale,  # 1 / sqrt(D)
+    qk_scale,  # log2(e) / sqrt(D)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per loop step, divides BLOCK_N
+    BLOCK_N: tl.constexpr,  # key rows per program
+    DOT_PREC: tl.constexpr,
+):
+    start_n = tl.program_id(0)  # low key tiles see the most queries: launched first
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < T
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=n_ok[:, None], other=0.0)
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+    lse_ptr = LSE + bh.to(tl.int64) * T
+    delta_ptr = DELTA + bh.to(tl.int64) * T
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    diag = start_n * BLOCK_N
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                         diag, tl.minimum(diag + BLOCK_N, T), offs_n, T, qk_scale, BLOCK_M, True, DOT_PREC)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
+                         diag + BLOCK_N, T, offs_n, T, qk_scale, BLOCK_M, False, DOT_PREC)
+
+    dk = dk * sm_scale
+    tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, lo, hi, offs_m, offs_n, T, qk_scale,
+              BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        if CAUSAL_MASK:
+            kv_ok = (start_n + offs_n) < T
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=kv_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=kv_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if CAUSAL_MASK:
+            p = tl.where(offs_m[:, None] >= (start_n + offs_n)[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,  # (B, H, T, D) inputs and the output's gradient, unit last-dim stride
+    DQ,  # (B, H, T, D) output, unit last-dim stride
+    LSE, DELTA,  # (B, H, T) fp32, contiguous
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot,
+    stride_dqb, stride_dqh, stride_dqt,
+    H, T,
+    T_BUCKET,  # autotune key only
+    sm_scale,  # 1 / sqrt(D)
+    qk_scale,  # log2(e) / sqrt(D)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per program
+    BLOCK_N: tl.constexpr,  # key rows per loop step, divides BLOCK_M
+    DOT_PREC: tl.constexpr,
+):
+    start_m = tl.num_programs(0) - 1 - tl.program_id(0)  # heaviest first
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < T
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=m_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    diag = start_m * BLOCK_M
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, diag,
+                   offs_m, offs_n, T, qk_scale, BLOCK_N, False, DOT_PREC)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, diag,
+                   tl.minimum(diag + BLOCK_M, T), offs_m, offs_n, T, qk_scale, BLOCK_N, True, DOT_PREC)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
+
+
+# ---- launch configs ------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). FA2 on Ampere/Hopper: big query tiles in the forward and dQ
+# (the Q tile and the fp32 accumulator stay in registers), big key tiles in dK/dV; the streamed operand's
+# tile small enough for 2-4 pipeline stages in shared memory.
+_FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
+_DKDV_CONFIGS = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]
+_DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)]
+_PREPROCESS_BLOCK_M = 64
+
+# Without a GPU: one small config per kernel, uneven (BLOCK_M != BLOCK_N) so the interpreter exercises
+# the diagonal stage with several steps, as the GPU configs do.
+_INTERPRETER_CONFIG = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}
+
+# Tiles streamed through shared memory per pipeline stage, and tiles held there once, in elements:
+# the prune function's estimate of a config's shared memory (conservative; the compiler may use less).
+_SMEM_TILES = {
+    "fwd": lambda bm, bn, d, st: st * 2 * bn * d + bm * d,
+    "dkdv": lambda bm, bn, d, st: st * 2 * bm * d + 2 * bn * d + bm * bn,
+    "dq": lambda bm, bn, d, st: st * 2 * bn * d + 2 * bm * d + bm * bn,
+}
+
+
+def _configs(table):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
+
+
+def _prune(kind):
+    """early_config_prune for one kernel: drop tiles larger than T needs (the rows would be padding) and
+    configs whose estimated shared memory exceeds this GPU's per-block limit. Never returns nothing."""
+
+    def prune(configs, named_args, **kwargs):
+        t_cap = max(16, named_args["T_BUCKET"])
+        d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        elem = named_args["Q"].element_size()
+        props = torch.cuda.get_device_properties(named_args["Q"].device)
+        limit = getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+        kept = [c for c in configs
+                if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= t_cap
+                and _SMEM_TILES[kind](c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], d, c.num_stages) * elem <= limit]
+        if not kept:  # tiny T or a huge fp32 tile: the smallest config
+            kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+        return kept
+
+    return prune
+
+
+def _autotuned(kernel, kind, table):
+    return triton.autotune(configs=_configs(table), key=["T_BUCKET", "HEAD_DIM"],
+                           prune_configs_by={"early_config_prune": _prune(kind)})(kernel)
+
+
+_attn_fwd = _autotuned(_attn_fwd_kernel, "fwd", _FWD_CONFIGS)
+_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, "dkdv", _DKDV_CONFIGS)
+_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, "dq", _DQ_CONFIGS)
+
+
+def _launch(autotuned, kind, grid_rows, bh, args, consts):
+    """On a GPU: the autotuned kernel, grid from the chosen config. In the interpreter: the fixed config."""
+    if args[0].is_cuda:
+        grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_M" if kind != "dkdv" else "BLOCK_N"]), bh)
+        with torch.cuda.device(args[0].device):
+            autotuned[grid](*args, **consts)
+    else:
+        bm, bn = _INTERPRETER_CONFIG[kind]
+        rows = bn if kind == "dkdv" else bm
+        autotuned.fn[(triton.cdiv(grid_rows, rows), bh)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+
+
+# ---- checks ------------------------------------------------------------------------------------
+
+def _check(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention (triton): {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attention (triton): {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"attention (triton): {name} has dtype {t.dtype}; supported: bfloat16, float16, float32")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"attention (triton): q, k, v must have the same shape (B, H, T, D), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention (triton): q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"attention (triton): head dim D = {q.shape[-1]} not supported; supported: 32, 64, 128")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention (triton): q, k, v on different devices ({q.device}, {k.device}, {v.device})")
+    dev = q.device
+    if dev.type not in ("cuda", "meta") and not (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"attention (triton): tensors on {dev} are not supported; supported: CUDA tensors, "
+                         "or CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter)")
+
+
+def _unit_last(t):
+    """The kernels index the last dim with stride 1; other strides are passed as they are."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _like(t, dtype=None):
+    """An output in t's dimension order (so (B, T, H, D) memory for the model's views), unit last stride."""
+    out = torch.empty_like(t, dtype=dtype)
+    return out if out.stride(-1) == 1 else torch.empty(t.shape, dtype=out.dtype, device=t.device)
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dot_prec(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---- torch ops -----------------------------------------------------------------------------------
+
+@torch.library.custom_op("gpt2k::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out: (B, H, T, D) in q's dtype and dimension order; lse: (B, H, T) fp32, natural log)."""
+    _check(q, k, v)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    B, H, T, D = q.shape
+    o = _like(q)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    if o.numel():
+        args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T,
+                triton.next_power_of_2(T), LOG2E / math.sqrt(D))
+        _launch(_attn_fwd, "fwd", T, B * H, args, dict(HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype)))
+    return o, lse
+
+
+@attention_fwd.register_fake
+def _(q, k, v):
+    _check(q, k, v)
+    B, H, T, D = q.shape
+    return _like(_unit_last(q)), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt2k::attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv), each in its input's dtype and dimension order."""
+    _check(q, k, v)
+    if do.shape != q.shape or o.shape != q.shape or do.dtype != q.dtype or o.dtype != q.dtype:
+        raise ValueError(f"attention_bwd (triton): do {tuple(do.shape)} {do.dtype} and o {tuple(o.shape)} {o.dtype} "
+                         f"must match q {tuple(q.shape)} {q.dtype}")
+    q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
+    B, H, T, D = q.shape
+    dq, dk, dv = _like(q), _like(k), _like(v)
+    if not q.numel():
+        return dq, dk, dv
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    bm = _PREPROCESS_BLOCK_M if q.is_cuda else _INTERPRETER_CONFIG["fwd"][0]
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _attn_bwd_preprocess_kernel[(triton.cdiv(T, bm), B * H)](
+            o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=bm)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    scales = (triton.next_power_of_2(T), 1.0 / math.sqrt(D), LOG2E / math.sqrt(D))
+    consts = dict(HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype))
+    _launch(_attn_bwd_dkdv, "dkdv", T, B * H,
+            (q, k, v, do, dk, dv, lse, delta, *common, *_strides(dk), *_strides(dv), H, T, *scales), consts)
+    _launch(_attn_bwd_dq, "dq", T, B * H,
+            (q, k, v, do, dq, lse, delta, *common, *_strides(dq), H, T, *scales), consts)
+    return dq, dk, dv
+
+
+@attention_bwd.register_fake
+def _(do, q, k, v, o, lse):
+    return _like(_unit_last(q)), _like(_unit_last(k)), _like(_unit_last(v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return attention_bwd(do, q, k, v, o, lse)
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q, k, v):
+    """Same as kernels.reference.attention: causal softmax(q k^T / sqrt(D)) v for q, k, v (B, H, T, D)."""
+    return attention_fwd(q, k, v)[0]
+
+
+# ---- ahead-of-time compile specs (GPT-2 shapes) --------------------------------------------------
+
+def compile_specs():
+    """Every kernel with every autotune config at GPT-2's shape as the model calls it: bf16, D=64, T=1024,
+    q/k/v views of the (B, T, 3C) projection (stride_t = 3C = 2304, stride_h = 64), outputs (B, T, H, D)
+    memory; pointers and strides divisible by 16, H = 12 (not)."""
+    bf, f32, i32 = "*bf16", "*fp32", "i32"
+
+    def strided(*names):
+        return {f"stride_{n}{s}": i32 for n in names for s in "bht"}
+
+    fwd_sig = {"Q": bf, "K": bf, "V": bf, "O": bf, "LSE": f32, **strided("q", "k", "v", "o"),
+               "H": i32, "T": i32, "T_BUCKET": i32, "qk_scale": "fp32"}
+    bwd_sig = {"Q": bf, "K": bf, "V": bf, "DO": bf}
+    dkdv_sig = {**bwd_sig, "DK": bf, "DV": bf, "LSE": f32, "DELTA": f32, **strided("q", "k", "v", "do", "dk", "dv"),
+                "H": i32, "T": i32, "T_BUCKET": i32, "sm_scale": "fp32", "qk_scale": "fp32"}
+    dq_sig = {**bwd_sig, "DQ": bf, "LSE": f32, "DELTA": f32, **strided("q", "k", "v", "do", "dq"),
+              "H": i32, "T": i32, "T_BUCKET": i32, "sm_scale": "fp32", "qk_scale": "fp32"}
+    pre_sig = {"O": bf, "DO": bf, "DELTA": f32, **strided("o", "do"), "H": i32, "T": i32}
+
+    def aligned(sig):  # everything but H and the float scales
+        return tuple(n for n, t in sig.items() if n != "H" and t != "fp32")
+
+    specs = []
+    for kind, fn, sig, table in (("fwd", _attn_fwd, fwd_sig, _FWD_CONFIGS),
+                                 ("bwd_dkdv", _attn_bwd_dkdv, dkdv_sig, _DKDV_CONFIGS),
+                                 ("bwd_dq", _attn_bwd_dq, dq_sig, _DQ_CONFIGS)):
+        for bm, bn, warps, stages in table:
+            specs.append(AotSpec(
+                name=f"attention_{kind} bf16 D=64 T=1024 BLOCK_M={bm} BLOCK_N={bn} w{warps} s{stages}", fn=fn.fn,
+                signature={**sig, "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                           "DOT_PREC": "constexpr"},
+                constexprs={"HEAD_DIM": 64, "BLOCK_M": bm, "BLOCK_N": bn, "DOT_PREC": "tf32"},
+                aligned=aligned(sig), num_warps=warps, num_stages=stages, expect_ld128=False))
+    specs.append(AotSpec(
+        name=f"attention_bwd_preprocess bf16 D=64 T=1024 BLOCK_M={_PREPROCESS_BLOCK_M}", fn=_attn_bwd_preprocess_kernel,
+        signature={**pre_sig, "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"},
+        constexprs={"HEAD_DIM": 64, "BLOCK_M": _PREPROCESS_BLOCK_M}, aligned=aligned(pre_sig), num_warps=4))
+    return specs

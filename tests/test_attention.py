@@ -1,0 +1,214 @@
+"""kernels/attention.py (Triton FlashAttention-2, causal) against float64 and kernels.reference.attention.
+
+In the interpreter (no GPU) Triton runs each program in numpy: shapes stay tiny (B*H = 2) and bf16 is
+left to the GPU (Triton 3.8's interpreter gets tl.dot on bf16 wrong). The rule (tests/numerics.py): the
+kernel's max error against float64 is at most 2x the reference op's error in the same dtype + atol.
+"""
+import math
+
+import pytest
+import torch
+
+from kernels import reference
+from kernels.attention import attention, attention_bwd, attention_fwd
+from tests.conftest import HAS_CUDA, requires_cuda
+from tests.numerics import assert_close
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def attention64(q, k, v):
+    """softmax(QK^T / sqrt(D) + causal mask) V in float64, written out (independent of both backends)."""
+    q, k, v = q.double(), k.double(), v.double()
+    T, D = q.shape[-2], q.shape[-1]
+    s = q @ k.transpose(-2, -1) / math.sqrt(D)
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def run(fn, q, k, v, do):
+    """fn's output and (dq, dk, dv) for upstream gradient do, on fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(do.to(out.dtype))
+    return (out.detach(), *(t.grad for t in leaves))
+
+
+def inputs(B, H, T, D, dtype, device):
+    q, k, v = (torch.randn(B, H, T, D, device=device).to(dtype) for _ in range(3))
+    return q, k, v, torch.randn(B, H, T, D, device=device).to(dtype)
+
+
+def check_against_float64(q, k, v, do):
+    got = run(attention, q, k, v, do)
+    base = run(reference.attention, q, k, v, do)
+    truth = run(attention64, q, k, v, do.double())
+    atol = ATOL[q.dtype]
+    for name, g, b, t in zip(("out", "dq", "dk", "dv"), got, base, truth):
+        assert g.dtype == q.dtype, f"{name}: dtype {g.dtype}"
+        assert_close(g, t, b, atol=atol, name=name)
+
+
+# T: 1, below one tile, exactly tiles, uneven, many tiles. D: all supported at an uneven T.
+CASES = ([(T, 64, torch.float16) for T in (1, 17, 64, 100, 257)]
+         + [(100, 32, torch.float16), (100, 128, torch.float16)]
+         + [(17, 64, torch.float32), (100, 32, torch.float32), (257, 128, torch.float32)])
+
+
+@pytest.mark.parametrize("T,D,dtype", CASES, ids=[f"T{T}-D{D}-{str(dt)[6:]}" for T, D, dt in CASES])
+def test_matches_float64(T, D, dtype, device):
+    check_against_float64(*inputs(1, 2, T, D, dtype, device))
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 100, 1024, 4096])
+def test_bf16_gpu(T, device):
+    check_against_float64(*inputs(1, 4, T, 64, torch.bfloat16, device))
+
+
+@requires_cuda
+@pytest.mark.parametrize("D", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dtypes_head_dims_gpu(D, dtype, device):
+    check_against_float64(*inputs(2, 3, 1000, D, dtype, device))
+
+
+def model_views(B, H, T, D, dtype, device):
+    """q, k, v as the model makes them: (B, T, 3C).split(C, 2) -> view (B, T, H, D) -> transpose(1, 2)."""
+    C = H * D
+    qkv = torch.randn(B, T, 3 * C, device=device).to(dtype)
+    return [t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(C, dim=2)]
+
+
+def test_strided_inputs_not_copied_and_same_result(device):
+    """The model's non-contiguous views give bitwise the same values as contiguous copies, and the
+    outputs come back in (B, T, H, D) memory (so the model's transpose + reshape after it is free)."""
+    B, H, T, D = 1, 2, 45, 32
+    q, k, v = model_views(B, H, T, D, torch.float16, device)
+    assert not q.is_contiguous()
+    do = torch.randn(B, T, H, D, device=device).to(torch.float16).transpose(1, 2)  # as the model's backward
+    strided = run(attention, q, k, v, do)
+    dense = run(attention, q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), strided, dense):
+        assert torch.equal(a, b), name
+    out, dq, _, _ = strided
+    assert out.stride() == (T * H * D, D, H * D, 1) and dq.stride() == (T * H * D, D, H * D, 1)
+    assert out.transpose(1, 2).reshape(B, T, H * D).data_ptr() == out.data_ptr()
+    check_against_float64(q, k, v, do)
+
+
+def test_non_unit_last_stride_and_broadcast_grad(device):
+    """A last dim that is not contiguous is copied; `out.sum().backward()` gives an expanded (stride 0) dO."""
+    q, k, v, _ = inputs(1, 2, 20, 32, torch.float32, device)
+    qt = q.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, last-dim stride T
+    assert qt.stride(-1) != 1
+    leaves = [t.clone().requires_grad_() for t in (qt, k, v)]
+    attention(*leaves).sum().backward()
+    want = run(attention64, q, k, v, torch.ones(1, 2, 20, 32, dtype=torch.float64, device=device))
+    for got, ref64 in zip((t.grad for t in leaves), want[1:]):
+        assert (got.double() - ref64).abs().max() < 1e-5
+
+
+def test_deterministic_backward(device):
+    q, k, v, do = inputs(1, 2, 70, 64, torch.float16, device)
+    first, second = run(attention, q, k, v, do), run(attention, q, k, v, do)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_lse_is_the_log_sum_exp(device):
+    q, k, v, _ = inputs(1, 2, 33, 32, torch.float32, device)
+    _, lse = attention_fwd(q, k, v)
+    s = (q.double() @ k.double().transpose(-2, -1)) / math.sqrt(32)
+    s = s.masked_fill(~torch.ones(33, 33, dtype=torch.bool, device=device).tril(), float("-inf"))
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 33)
+    assert (lse.double() - torch.logsumexp(s, dim=-1)).abs().max() < 1e-5
+
+
+def test_opcheck(device):
+    q, k, v, do = inputs(1, 2, 19, 32, torch.float32, device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(attention_fwd, (q, k, v))
+    out, lse = attention_fwd(q.detach(), k.detach(), v.detach())
+    torch.library.opcheck(attention_bwd, (do, q.detach(), k.detach(), v.detach(), out, lse))
+
+
+def test_torch_compile(device):
+    """Traced through the op's fake (meta) implementation, runs the real kernel: same values as eager."""
+    q, k, v, do = inputs(1, 2, 24, 32, torch.float32, device)
+    eager = run(attention, q, k, v, do)
+    compiled = run(torch.compile(attention, backend="aot_eager", fullgraph=True), q, k, v, do)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda q, k, v: (q[..., :16], k[..., :16], v[..., :16]), "head dim D = 16 not supported; supported: 32, 64, 128"),
+    (lambda q, k, v: (q, k[:, :, :3], v), "same shape"),
+    (lambda q, k, v: (q[0], k[0], v[0]), "must be 4-D"),
+    (lambda q, k, v: (q, k.half(), v), "same dtype"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), "supported: bfloat16, float16, float32"),
+    (lambda q, k, v: (q.int(), k.int(), v.int()), "supported: bfloat16, float16, float32"),
+    (lambda q, k, v: (q, k, v.to("meta")), "different devices"),
+])
+def test_bad_input_errors(change, match, device):
+    q, k, v, _ = inputs(1, 1, 4, 32, torch.float32, device)
+    with pytest.raises((ValueError, TypeError), match=match):
+        attention(*change(q, k, v))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the error is for CPU tensors without the interpreter")
+def test_cpu_without_interpreter_errors(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    q = torch.randn(1, 1, 4, 32)
+    with pytest.raises(ValueError, match="supported: CUDA tensors, or CPU tensors when TRITON_INTERPRET=1"):
+        attention(q, q, q)
+
+
+def test_empty_batch(device):
+    q = torch.randn(0, 2, 5, 32, device=device, requires_grad=True)
+    out = attention(q, q, q)
+    out.sum().backward()
+    assert out.shape == q.shape and q.grad.shape == q.shape
+
+
+def test_compiles_for_sm80_sm90_without_spills():
+    """Every kept autotune config of every kernel, at D=64, T=1024, bf16: zero spills, shared memory fits."""
+    from kernels._triton_utils import check_report, static_report
+
+    rows = static_report(["kernels.attention"])
+    assert len(rows) == 2 * (6 + 5 + 5 + 1)
+    problems = [f"{r['name']} {r['arch']}: {r.get('error') or check_report(r)}" for r in rows
+                if "error" in r or check_report(r)]
+    assert not problems, "\n".join(problems)
+
+
+def test_model_matches_torch_backend():
+    """Tiny GPT with attention=triton vs the torch backend in fp32: loss and every gradient against a
+    float64 run of the torch backend, by the numerical rule."""
+    from gpt2.model import GPT, GPTConfig
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    config = GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=2, n_embd=64)
+    torch.manual_seed(0)
+    base = GPT(config, kernels="torch").to(device)
+    idx = torch.randint(0, 100, (2, 29), device=device)
+    targets = torch.randint(0, 100, (2, 29), device=device)
+
+    def loss_and_grads(model):
+        model.zero_grad(set_to_none=True)
+        _, loss = model(idx, targets)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    ours = GPT(config, kernels="torch,attention=triton").to(device)
+    ours.load_state_dict(base.state_dict())
+    truth = GPT(config, kernels="torch").to(device).double()
+    truth.load_state_dict(base.state_dict())
+    loss, grads = loss_and_grads(ours)
+    loss_b, grads_b = loss_and_grads(base)
+    loss_t, grads_t = loss_and_grads(truth)
+    assert_close(loss, loss_t, loss_b, atol=1e-6, name="loss")
+    assert grads.keys() == grads_b.keys() and len(grads) > 10
+    for name in grads:
+        assert_close(grads[name], grads_t[name], grads_b[name], atol=1e-6, name=name)

@@ -3,7 +3,8 @@
 What is fused: per row, one sweep over the logits computes the running max and sum of exp (online
 softmax, fp32) and picks out logit[target]; loss = logsumexp - logit[target]. When a gradient is
 needed a second sweep writes dlogits = softmax - onehot(target), in place over the logits or into a
-new buffer, so the backward pass is only a scale by grad_output / count. Unfused eager PyTorch
+new buffer, so the backward pass is only a scale (by grad_output / count: the op folds 1/count
+into the kernel so half-precision gradients are rounded once, fused_ce_ leaves it to the caller). Unfused eager PyTorch
 writes the fp32 copy, the log-softmax, its gradient and the cast back: about 8 passes over N x V.
 
 Floor: read the logits once and write dlogits once (forward+backward); the second sweep re-reads
@@ -41,6 +42,7 @@ def _ce_kernel(
     out_ptr,  # (N, n_cols) dlogits (may be in_ptr: in place), row stride stride_out
     target_ptr,  # (N,) int64
     loss_ptr,  # (N,) fp32 per-row loss
+    scale_ptr,  # (1,) fp32 factor for dlogits (1/count), read only when HAS_SCALE
     stride_in,
     stride_out,
     n_vocab,  # real columns: [0, n_vocab)
@@ -48,6 +50,7 @@ def _ce_kernel(
     ignore_index,
     BLOCK: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     in_ptr += row * stride_in
@@ -81,13 +84,14 @@ def _ce_kernel(
         loss = tl.where(lse == float("-inf"), float("nan"), loss)
         tl.store(loss_ptr + row, loss)
         if WRITE_GRAD:
+            scale = tl.load(scale_ptr) if HAS_SCALE else 1.0
             # Sweep 2: dlogits = exp(x - lse) - onehot(target); padded columns load as -inf -> 0.
             for start in range(0, n_cols, BLOCK):
                 cols = start + offs
                 x = tl.load(in_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
                 x = tl.where(cols < n_vocab, x, float("-inf"))
                 p = tl.exp(x - lse)
-                g = tl.where(cols == target, p - 1.0, p)
+                g = tl.where(cols == target, p - 1.0, p) * scale
                 tl.store(out_ptr + cols, g.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
@@ -115,8 +119,9 @@ def _check(logits, targets, vocab_size, where):
         raise ValueError(f"{where}: vocab_size {vocab_size} must be in [1, {logits.shape[1]}] (the logits' width)")
 
 
-def _launch(logits, targets, ignore_index, vocab_size, out):
-    """Per-row fp32 losses; writes dlogits into `out` (may be `logits`) unless out is None."""
+def _launch(logits, targets, ignore_index, vocab_size, out, scale=None):
+    """Per-row fp32 losses; writes dlogits (times `scale`, a 1-element fp32 tensor, if given) into
+    `out` (may be `logits`) unless out is None."""
     n, n_cols = logits.shape
     losses = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
@@ -124,8 +129,8 @@ def _launch(logits, targets, ignore_index, vocab_size, out):
     block, num_warps = _config(n_cols)
     grad = out if out is not None else logits  # unused pointer when WRITE_GRAD is False
     _ce_kernel[(n,)](
-        logits, grad, targets, losses, logits.stride(0), grad.stride(0), vocab_size, n_cols, ignore_index,
-        BLOCK=block, WRITE_GRAD=out is not None, num_warps=num_warps,
+        logits, grad, targets, losses, losses if scale is None else scale, logits.stride(0), grad.stride(0), vocab_size, n_cols, ignore_index,
+        BLOCK=block, WRITE_GRAD=out is not None, HAS_SCALE=scale is not None, num_warps=num_warps,
     )
     return losses
 
@@ -146,13 +151,17 @@ def fused_ce_(logits, targets, ignore_index, vocab_size):
 @torch.library.custom_op("gpt2k::cross_entropy_triton", mutates_args=())
 def _cross_entropy_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, vocab_size: int,
                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss fp32 0-d, unscaled dlogits (N, Vp) or an empty tensor when not compute_grad)."""
+    """(mean loss fp32 0-d, dloss/dlogits (N, Vp) or an empty tensor when not compute_grad).
+
+    The kernel writes dlogits already divided by count, so that a bf16/fp16 gradient is rounded
+    once, as the reference's is; backward then only multiplies by grad_output (exact when it is 1)."""
     _check(logits, targets, vocab_size, "cross_entropy")
     x = logits if logits.stride(1) == 1 else logits.contiguous()
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_grad else None
-    loss_sum = _launch(x, targets, ignore_index, vocab_size, out).sum()
-    check_loss(loss_sum, targets, ignore_index, vocab_size, "cross_entropy")
     count = (targets != ignore_index).sum().clamp(min=1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if compute_grad else None
+    inv_count = (1.0 / count.float()).reshape(1)
+    loss_sum = _launch(x, targets, ignore_index, vocab_size, out, scale=inv_count).sum()
+    check_loss(loss_sum, targets, ignore_index, vocab_size, "cross_entropy")
     dlogits = out if compute_grad else logits.new_empty((0,))
     return loss_sum / count, dlogits
 
@@ -165,17 +174,15 @@ def _(logits, targets, ignore_index, vocab_size, compute_grad):
 
 
 def _setup_context(ctx, inputs, output):
-    _, targets, ignore_index, _, _ = inputs
+    targets = inputs[1]
     ctx.save_for_backward(output[1], targets)
-    ctx.ignore_index = ignore_index
 
 
 def _backward(ctx, grad_loss, _grad_dlogits):
     dlogits, targets = ctx.saved_tensors
     if ctx.needs_input_grad[0] and dlogits.numel() == 0 and targets.numel() > 0:
         raise RuntimeError("cross_entropy: backward needs the forward to run with compute_grad=True")
-    count = (targets != ctx.ignore_index).sum().clamp(min=1)
-    return dlogits * (grad_loss / count), None, None, None, None
+    return dlogits * grad_loss, None, None, None, None
 
 
 _cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -196,17 +203,16 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-1, vocab_size=No
 
 
 def compile_specs():
-    """The training kernel (loss + dlogits) and the loss-only kernel, bf16 logits, GPT-2's padded vocab."""
+    """Each kernel variant at bf16 logits and GPT-2's padded vocab (the grid is one program per row)."""
     from kernels._triton_utils import AotSpec
 
     block, num_warps = _config(50304)
-    sig = {"in_ptr": "*bf16", "out_ptr": "*bf16", "target_ptr": "*i64", "loss_ptr": "*fp32",
+    sig = {"in_ptr": "*bf16", "out_ptr": "*bf16", "target_ptr": "*i64", "loss_ptr": "*fp32", "scale_ptr": "*fp32",
            "stride_in": "i32", "stride_out": "i32", "n_vocab": "i32", "n_cols": "i32", "ignore_index": "i32",
-           "BLOCK": "constexpr", "WRITE_GRAD": "constexpr"}
+           "BLOCK": "constexpr", "WRITE_GRAD": "constexpr", "HAS_SCALE": "constexpr"}
     aligned = ("in_ptr", "out_ptr", "target_ptr", "loss_ptr", "stride_in", "stride_out", "n_cols")
-    return [
-        AotSpec(f"cross_entropy fwd+grad bf16 V=50304 ({block}-wide blocks)", _ce_kernel, sig,
-                {"BLOCK": block, "WRITE_GRAD": True}, aligned=aligned, num_warps=num_warps),
-        AotSpec(f"cross_entropy loss-only bf16 V=50304 ({block}-wide blocks)", _ce_kernel, sig,
-                {"BLOCK": block, "WRITE_GRAD": False}, aligned=aligned, num_warps=num_warps),
-    ]
+    variants = [("fwd+grad/count (cross_entropy op)", True, True), ("fwd+grad in place (fused_ce_)", True, False),
+                ("loss only (no grad)", False, False)]
+    return [AotSpec(f"cross_entropy {label} bf16 V=50304 BLOCK={block}", _ce_kernel, sig,
+                    {"BLOCK": block, "WRITE_GRAD": grad, "HAS_SCALE": scale}, aligned=aligned, num_warps=num_warps)
+            for label, grad, scale in variants]

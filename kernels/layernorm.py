@@ -1,0 +1,280 @@
+"""LayerNorm over the last dim in Triton, forward and backward, as torch ops gpt2k::layer_norm_fwd / _bwd.
+
+What is fused
+  forward   one pass over a tile of rows: fp32 mean and variance, y = (x - mean) * rstd * w + b stored in
+            x's dtype, and the fp32 row statistics (mean, rstd) saved for the backward.
+  backward  one pass over the same tiles: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w,
+            while each program sums dy * xhat and dy over its rows in fp32 registers and writes them as one
+            row of a (programs, C) fp32 buffer; a torch .sum(0) over that small buffer gives dw and db.
+            Fixed partition, fixed order, no atomics: the same inputs give bitwise the same gradients.
+  x, w, b may differ in dtype (bf16 x with fp32 w under autocast); all math is fp32.
+
+Floor (N rows of C; s = bytes per element of x, sw of w and b)
+  forward   read x, w, b; write y, mean, rstd      2*N*C*s + 2*C*sw + 8*N
+  backward  read dy, x, w, mean, rstd; write dx, dw, db   3*N*C*s + 8*N + 3*C*sw
+  At 16384 x 768 bf16: fwd 50.4 MB, bwd 75.6 MB.
+Total / floor: w and b are re-read by every program (from L1/L2, DRAM sees them about once). The backward
+also writes and re-reads the (P, C) fp32 partial buffers, P = 4 x SMs (528 on an H100): 2 x 2 x P x C x 4
+bytes = 6.5 MB at C = 768, about 9% over the floor if none of it stayed in L2 (most of it does).
+
+Test: pytest tests/test_layernorm.py (interpreter on CPU, real kernel on a GPU).
+Benchmark: python bench/run.py (layer_norm); static report: compile_specs() via kernels/_triton_utils.py.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._triton_utils import AotSpec
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_C = 16384  # one row (C columns) is held in registers; beyond this it would spill
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    x_ptr,  # (N, C) input, row stride stride_x, unit column stride
+    w_ptr,  # (C,) weight, any float dtype
+    b_ptr,  # (C,) bias, any float dtype
+    y_ptr,  # (N, C) output, contiguous, x's dtype
+    mean_ptr,  # (N,) fp32
+    rstd_ptr,  # (N,) fp32, 1 / sqrt(var + eps)
+    stride_x,
+    N,
+    C,
+    eps,
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_C: tl.constexpr,  # next power of two >= C
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_C)
+    row_ok = rows < N
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)[:, None]
+    x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / C
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + rows64 * C + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + rows, mean, mask=row_ok)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    dy_ptr,  # (N, C) upstream gradient, row stride stride_dy
+    x_ptr,  # (N, C) forward input, row stride stride_x
+    w_ptr,  # (C,) weight
+    mean_ptr,  # (N,) fp32, from the forward
+    rstd_ptr,  # (N,) fp32, from the forward
+    dx_ptr,  # (N, C) output, contiguous, x's dtype
+    dw_part_ptr,  # (P, C) fp32: this program's sum of dy * xhat over its rows
+    db_part_ptr,  # (P, C) fp32: this program's sum of dy over its rows
+    stride_dy,
+    stride_x,
+    N,
+    C,
+    tiles_per_program,  # program p handles row tiles [p * tiles_per_program, (p + 1) * tiles_per_program)
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    first = pid * tiles_per_program
+    for tile in range(first, first + tiles_per_program):
+        rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < N  # the last program's surplus tiles are fully masked
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * w[None, :]
+        c1 = tl.sum(xhat * g, axis=1) / C
+        c2 = tl.sum(g, axis=1) / C
+        dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + rows64 * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw_acc += dy * xhat
+        db_acc += dy
+    tl.store(dw_part_ptr + pid * C + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    tl.store(db_part_ptr + pid * C + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+
+
+def _tile(C, device=None):
+    """(BLOCK_R, BLOCK_C, num_warps): whole rows, ~4096 elements per tile, ~16 elements per thread
+    (two 128-bit loads of bf16), e.g. C = 768 -> 4 rows x 1024, 8 warps. On the CPU (Triton's
+    interpreter, whose cost is per program and per op, not per element) tiles are 8x taller."""
+    block_c = triton.next_power_of_2(C)
+    elements = 4096 if device is None or device.type == "cuda" else 32768
+    block_r = max(1, min(64, elements // block_c))
+    num_warps = max(1, min(16, block_r * block_c // 512))
+    return block_r, block_c, num_warps
+
+
+def _programs_target(device):
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter runs programs one after another: few programs, same code path
+
+
+# ---- checks ------------------------------------------------------------------------------------
+
+def _check_device(*tensors):
+    for t in tensors:
+        if t.device != tensors[0].device:
+            raise ValueError(f"layer_norm (triton): tensors on different devices ({tensors[0].device} and {t.device})")
+    dev = tensors[0].device
+    if dev.type == "cuda" or (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return
+    raise ValueError(f"layer_norm (triton): tensors on {dev} are not supported; supported: CUDA tensors, "
+                     "or CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter)")
+
+
+def _check(x, weight, bias):
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t.dtype not in DTYPES:
+            raise TypeError(f"layer_norm (triton): {name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+    if x.dim() == 0:
+        raise ValueError("layer_norm (triton): x must have at least one dimension (normalized over the last)")
+    C = x.shape[-1]
+    if not 1 <= C <= MAX_C:
+        raise ValueError(f"layer_norm (triton): last dim {C} not supported; supported: 1 to {MAX_C}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if tuple(t.shape) != (C,):
+            raise ValueError(f"layer_norm (triton): {name} has shape {tuple(t.shape)}, expected ({C},) to match x's last dim")
+
+
+def _rows(t):
+    """(..., C) -> a (N, C) view (or copy) whose columns are contiguous; rows may be strided."""
+    t2 = t.reshape(-1, t.shape[-1])
+    if t2.stride(-1) != 1 and t2.shape[-1] > 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+# ---- torch ops -----------------------------------------------------------------------------------
+
+@torch.library.custom_op("gpt2k::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (y in x's dtype, contiguous; mean (x.shape[:-1]) fp32; rstd fp32)."""
+    _check(x, weight, bias)
+    _check_device(x, weight, bias)
+    C = x.shape[-1]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    x2 = _rows(x)
+    N = x2.shape[0]
+    if N:
+        block_r, block_c, num_warps = _tile(C, x.device)
+        _layer_norm_fwd_kernel[(triton.cdiv(N, block_r),)](
+            x2, weight.contiguous(), bias.contiguous(), y, mean, rstd, x2.stride(0), N, C, eps,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    return y, mean, rstd
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    _check(x, weight, bias)
+    mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("gpt2k::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                   rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx in x's dtype, contiguous; dweight fp32 (C,); dbias fp32 (C,))."""
+    _check(x, weight, weight)
+    _check_device(dy, x, weight, mean, rstd)
+    if dy.shape != x.shape or dy.dtype not in DTYPES:
+        raise ValueError(f"layer_norm_bwd (triton): dy {tuple(dy.shape)} {dy.dtype} must match x {tuple(x.shape)} in a supported float dtype")
+    C = x.shape[-1]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    x2, dy2 = _rows(x), _rows(dy)
+    N = x2.shape[0]
+    block_r, block_c, num_warps = _tile(C, x.device)
+    tiles = triton.cdiv(N, block_r)
+    tiles_per_program = max(1, triton.cdiv(tiles, _programs_target(x.device)))
+    programs = triton.cdiv(tiles, tiles_per_program)
+    dw_part = torch.zeros((max(programs, 1), C), dtype=torch.float32, device=x.device)
+    db_part = torch.zeros_like(dw_part)
+    if N:
+        _layer_norm_bwd_kernel[(programs,)](
+            dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, dw_part, db_part,
+            dy2.stride(0), x2.stride(0), N, C, tiles_per_program,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    return dx, dw_part.sum(0), db_part.sum(0)
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd):
+    C = x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.bias_dtype = bias.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd)
+    return dx, dw.to(weight.dtype), db.to(ctx.bias_dtype), None
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """Same as kernels.reference.layer_norm: normalize over the last dim, fp32 statistics, output in
+    x's dtype. weight/bias of None mean 1 and 0 (no affine gradient)."""
+    C = x.shape[-1] if x.dim() else 0
+    if weight is None:
+        weight = torch.ones(C, dtype=x.dtype, device=x.device)
+    if bias is None:
+        bias = torch.zeros(C, dtype=x.dtype, device=x.device)
+    return layer_norm_fwd(x, weight, bias, float(eps))[0]
+
+
+# ---- ahead-of-time compile specs (GPT-2 shapes) --------------------------------------------------
+
+def compile_specs():
+    """The kernels as the JIT specializes them for GPT-2: (B*T, 768) bf16 rows, all pointers, strides,
+    N and C divisible by 16; weights in bf16 and in fp32 (autocast)."""
+    block_r, block_c, num_warps = _tile(768)
+    consts = {"BLOCK_R": block_r, "BLOCK_C": block_c}
+    specs = []
+    for wt in ("bf16", "fp32"):
+        specs.append(AotSpec(
+            name=f"layer_norm_fwd x=bf16 w={wt} C=768", fn=_layer_norm_fwd_kernel,
+            signature={"x_ptr": "*bf16", "w_ptr": f"*{wt}", "b_ptr": f"*{wt}", "y_ptr": "*bf16",
+                       "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "stride_x": "i32", "N": "i32", "C": "i32",
+                       "eps": "fp32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+            constexprs=consts, num_warps=num_warps,
+            aligned=("x_ptr", "w_ptr", "b_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "stride_x", "N", "C")))
+        specs.append(AotSpec(
+            name=f"layer_norm_bwd x=bf16 w={wt} C=768", fn=_layer_norm_bwd_kernel,
+            signature={"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": f"*{wt}", "mean_ptr": "*fp32",
+                       "rstd_ptr": "*fp32", "dx_ptr": "*bf16", "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32",
+                       "stride_dy": "i32", "stride_x": "i32", "N": "i32", "C": "i32", "tiles_per_program": "i32",
+                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+            constexprs=consts, num_warps=num_warps,
+            aligned=("dy_ptr", "x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "dx_ptr", "dw_part_ptr", "db_part_ptr",
+                     "stride_dy", "stride_x", "N", "C")))
+    return specs

@@ -1,0 +1,106 @@
+"""kernels/gelu.py (Triton tanh-GELU) against kernels/reference.py and float64, forward and gradient.
+
+Rule (tests/numerics.py): max error against float64 at most 2x that of the reference op in the same dtype,
+plus a small atol. float64 and integer inputs are refused (the kernel computes in fp32 by design).
+The AOT compile check of both gelu kernels runs in tests/test_layernorm.py (one compile subprocess
+for the two modules).
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from kernels import gelu as gl
+from kernels import reference as ref
+from numerics import assert_close
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def truncate_bf16(t):
+    """fp32 -> bf16 rounding toward zero, as Triton 3.8's interpreter casts (a GPU rounds to nearest)."""
+    return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _grads(fn, x, dy):
+    x = x.detach().requires_grad_()  # detach keeps the strides
+    y = fn(x)
+    y.backward(dy)
+    return y.detach(), x.grad
+
+
+def _gelu64(x):
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def check(x, dy=None, atol=1e-6):
+    dy = torch.randn_like(x) if dy is None else dy
+    out = _grads(gl.gelu, x, dy)
+    base = _grads(ref.gelu, x, dy)
+    if INTERPRET and x.dtype == torch.bfloat16:
+        # the interpreter truncates the kernel's fp32 -> bf16 stores: compare with the reference in
+        # fp32, truncated the same way
+        base = tuple(truncate_bf16(t) for t in _grads(ref.gelu, x.float(), dy.float()))
+    truth = _grads(_gelu64, x.double(), dy.double())
+    for name, o, bl, t in zip(("y", "dx"), out, base, truth):
+        assert o.dtype == x.dtype and o.shape == x.shape
+        assert_close(o, t, bl, atol=atol * max(1.0, t.abs().max().item()), name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 1000), (4099,), (2, 3, 4099), (64, 3072)])
+def test_parity(dtype, shape, device):
+    check((torch.randn(shape, device=device) * 3).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tails_and_zero(dtype, device):
+    """Large |x| (gelu -> x or -> 0, derivative -> 1 or -> 0) and exact zeros stay finite and accurate."""
+    x = torch.cat([torch.linspace(-30, 30, 601), torch.zeros(3), torch.tensor([-100.0, 100.0, -1e-3, 1e-3])])
+    check(x.to(device=device, dtype=dtype))
+
+
+def test_non_contiguous(device):
+    x = torch.randn(1000, 7, device=device).t()  # (7, 1000), column-major
+    dy = torch.randn(7, 2000, device=device)[:, ::2]  # strided
+    assert not x.is_contiguous() and not dy.is_contiguous()
+    check(x, dy)
+
+
+def test_empty(device):
+    y, dx = _grads(gl.gelu, torch.empty(0, 5, device=device), torch.empty(0, 5, device=device))
+    assert y.shape == (0, 5) and dx.shape == (0, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(dtype, device):
+    x = torch.randn(3, 50, device=device, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.gpt2k.gelu_fwd.default, (x,))
+    torch.library.opcheck(torch.ops.gpt2k.gelu_bwd.default, (torch.randn_like(x), x.detach()))
+
+
+def test_torch_compile_traces_the_op(device):
+    x = torch.randn(4, 33, device=device)
+    compiled = torch.compile(gl.gelu, backend="aot_eager", fullgraph=True)
+    out, expect = _grads(compiled, x, torch.ones_like(x)), _grads(gl.gelu, x, torch.ones_like(x))
+    for a, c in zip(out, expect):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_bad_dtype_raises(dtype, device):
+    with pytest.raises(TypeError, match="supported: float32, bfloat16, float16"):
+        gl.gelu(torch.ones(4, device=device, dtype=dtype))
+
+
+def test_bad_gradient_shape_raises(device):
+    with pytest.raises(ValueError, match="dy shape"):
+        torch.ops.gpt2k.gelu_bwd(torch.ones(3, device=device), torch.ones(4, device=device))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: CPU tensors are refused outside the interpreter")
+def test_cpu_tensor_refused_on_gpu_machine():
+    with pytest.raises(ValueError, match="supported: CUDA tensors"):
+        gl.gelu(torch.randn(8))

@@ -1,0 +1,204 @@
+"""kernels/layernorm.py (Triton LayerNorm) against kernels/reference.py and float64, forward and every gradient.
+
+Rule (tests/numerics.py): the kernel's max error against float64 may be at most 2x that of the reference
+op run in the same dtypes, plus a small atol. On CPU the kernels run in Triton's interpreter.
+float64 is not supported by the kernel (stats are fp32 by design): it raises, as do integer dtypes.
+"""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import layernorm as ln
+from kernels import reference as ref
+from numerics import assert_close
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+EPS = 1e-5
+
+
+def truncate_bf16(t):
+    """fp32 -> bf16 rounding toward zero, as Triton 3.8's interpreter casts (a GPU rounds to nearest)."""
+    return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+def _grads(fn, x, w, b, dy):
+    """Run fn forward and backward on fresh leaves; -> (y, dx, dw, db)."""
+    x, w, b = (t.detach().requires_grad_() for t in (x, w, b))  # detach keeps the strides
+    y = fn(x, w, b, EPS)
+    y.backward(dy)
+    return y.detach(), x.grad, w.grad, b.grad
+
+
+def _ln64(x, w, b, eps):
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def check(x, w, b, dy=None, atol=1e-6):
+    """Kernel vs float64 truth, with the reference op in the same dtypes as the baseline."""
+    dy = torch.randn_like(x) if dy is None else dy
+    out = _grads(ln.layer_norm, x, w, b, dy)
+    base = _grads(ref.layer_norm, x, w, b, dy)
+    if INTERPRET and x.dtype == torch.bfloat16:
+        # the interpreter truncates the kernel's fp32 -> bf16 stores of y and dx: the fair baseline is
+        # the reference in fp32, truncated the same way
+        up = _grads(ref.layer_norm, x.float(), w.float(), b.float(), dy.float())
+        base = (truncate_bf16(up[0]), truncate_bf16(up[1])) + base[2:]
+    truth = _grads(_ln64, x.double(), w.double(), b.double(), dy.double())
+    assert out[0].dtype == x.dtype and out[1].dtype == x.dtype
+    assert out[2].dtype == w.dtype and out[3].dtype == b.dtype
+    for name, o, bl, t in zip(("y", "dx", "dweight", "dbias"), out, base, truth):
+        # gradients summed over many rows grow with sqrt(rows): scale the atol with their size
+        assert_close(o, t, bl, atol=atol * max(1.0, t.abs().max().item()), name=name)
+    return out
+
+
+def _inputs(shape, dtype, wdtype=None, device="cpu"):
+    C = shape[-1]
+    x = (torch.randn(shape, device=device) * 2 + 0.5).to(dtype)
+    w = (torch.randn(C, device=device) * 0.5 + 1).to(wdtype or dtype)
+    b = (torch.randn(C, device=device) * 0.1).to(wdtype or dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [1, 7, 768, 1000, 3072, 4099])
+def test_parity_three_rows(dtype, C, device):
+    check(*_inputs((3, C), dtype, device=device))
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (1, 4099), (2, 5, 1000), (2, 8192)])
+def test_parity_shapes(shape, device):
+    check(*_inputs(shape, torch.float32, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parity_4096_rows(dtype, device):
+    check(*_inputs((4096, 768), dtype, device=device))
+
+
+@pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16])
+def test_mixed_dtype_fp32_weights(xdtype, device):
+    """Autocast case: bf16/fp16 activations, fp32 parameters; y and dx in x's dtype, dw/db in fp32."""
+    check(*_inputs((2, 37, 768), xdtype, torch.float32, device=device))
+
+
+def test_non_contiguous(device):
+    wide = torch.randn(6, 1100, device=device)
+    x = wide[:, 50:1050]  # strided rows, unit column stride: read in place
+    w, b = torch.randn(1000, device=device), torch.randn(1000, device=device)
+    dy = torch.randn(1000, 6, device=device).t()  # non-unit column stride: copied
+    assert not x.is_contiguous() and not dy.is_contiguous()
+    check(x, w, b, dy)
+    x, w = torch.randn(768, 5, device=device).t(), torch.randn(2 * 768, device=device)[::2]
+    assert x.stride(-1) != 1 and not w.is_contiguous()
+    check(x, w, torch.randn(768, device=device))
+
+
+def test_zero_rows(device):
+    x, w, b = _inputs((0, 768), torch.float32, device=device)
+    y, dx, dw, db = _grads(ln.layer_norm, x, w, b, torch.zeros_like(x))
+    assert y.shape == (0, 768) and dx.shape == (0, 768)
+    assert not dw.any() and not db.any()
+
+
+def test_backward_is_deterministic(device):
+    x, w, b = _inputs((1000, 768), torch.bfloat16, torch.float32, device=device)
+    dy = torch.randn_like(x)
+    first = _grads(ln.layer_norm, x, w, b, dy)
+    second = _grads(ln.layer_norm, x, w, b, dy)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def test_none_weight_and_bias(device):
+    x = torch.randn(4, 100, device=device)
+    torch.testing.assert_close(ln.layer_norm(x, None, None), F.layer_norm(x, (100,)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("xdtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_opcheck(xdtype, wdtype, device):
+    x, w, b = _inputs((2, 3, 40), xdtype, wdtype, device=device)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    torch.library.opcheck(torch.ops.gpt2k.layer_norm_fwd.default, (x, w, b, EPS))
+    y, mean, rstd = torch.ops.gpt2k.layer_norm_fwd(x.detach(), w.detach(), b.detach(), EPS)
+    torch.library.opcheck(torch.ops.gpt2k.layer_norm_bwd.default, (torch.randn_like(y), x.detach(), w.detach(), mean, rstd))
+
+
+def test_torch_compile_traces_the_ops(device):
+    x, w, b = _inputs((3, 64), torch.float32, device=device)
+    compiled = torch.compile(ln.layer_norm, backend="aot_eager", fullgraph=True)
+    out = _grads(compiled, x, w, b, torch.ones_like(x))
+    expect = _grads(ln.layer_norm, x, w, b, torch.ones_like(x))
+    for a, c in zip(out, expect):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", ["float64", "int32", "weight_shape", "bias_shape", "C=0", "C>MAX", "scalar"])
+def test_bad_input_raises(bad, device):
+    x, w, b = _inputs((3, 16), torch.float32, device=device)
+    if bad == "float64":
+        x, match = x.double(), "supported: float32, bfloat16, float16"
+    elif bad == "int32":
+        x, match = x.to(torch.int32), "supported: float32, bfloat16, float16"
+    elif bad == "weight_shape":
+        w, match = w[:8], r"weight has shape \(8,\), expected \(16,\)"
+    elif bad == "bias_shape":
+        b, match = b[None], r"bias has shape \(1, 16\), expected \(16,\)"
+    elif bad == "C=0":
+        x, w, b, match = x[:, :0], w[:0], b[:0], "supported: 1 to"
+    elif bad == "C>MAX":
+        C = ln.MAX_C + 1
+        x, w, b, match = torch.zeros(1, C, device=device), torch.ones(C, device=device), torch.zeros(C, device=device), "supported: 1 to"
+    else:
+        x, match = torch.tensor(1.0, device=device), "at least one dimension"
+    with pytest.raises((TypeError, ValueError), match=match):
+        ln.layer_norm(x, w, b)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: CPU tensors are refused outside the interpreter")
+def test_cpu_tensor_refused_on_gpu_machine():
+    with pytest.raises(ValueError, match="supported: CUDA tensors"):
+        ln.layer_norm(torch.randn(2, 8), torch.ones(8), torch.zeros(8))
+
+
+def test_aot_compile_for_sm80_sm90():
+    """Every kernel of layernorm.py and gelu.py compiles for real GPUs (no GPU needed) at GPT-2 shapes
+    with no register spills, fitting shared memory, and 128-bit global loads."""
+    from kernels._triton_utils import check_report, static_report
+
+    rows = static_report(["kernels.layernorm", "kernels.gelu"])
+    specs = len(ln.compile_specs()) + len(__import__("kernels.gelu").gelu.compile_specs())
+    assert len(rows) == 2 * specs
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+    for row in rows:
+        assert "error" not in row, f"{row['name']} {row['arch']}: {row.get('error')}"
+        assert check_report(row) == [], f"{row['name']} {row['arch']}: {check_report(row)}"
+
+
+def test_model_triton_layer_norm_and_gelu_match_torch(device):
+    """The whole model (fp32) with our LayerNorm and GELU: loss and every parameter gradient match the
+    torch backend from the same weights."""
+    from gpt2.model import GPT, GPTConfig
+
+    config = GPTConfig(block_size=32, vocab_size=100, n_layer=2, n_head=2, n_embd=64)
+    ref_model = GPT(config, kernels="torch").to(device)
+    model = GPT(config, kernels="torch,layer_norm=triton,gelu=triton").to(device)
+    model.load_state_dict(ref_model.state_dict())
+    idx = torch.randint(0, 100, (2, 32), device=device)
+    targets = torch.randint(0, 100, (2, 32), device=device)
+    losses = []
+    for m in (ref_model, model):
+        _, loss = m(idx, targets)
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0]), losses
+    grads = dict(model.named_parameters())
+    for name, p in ref_model.named_parameters():
+        g, g_ref = grads[name].grad, p.grad
+        assert g is not None and torch.isfinite(g).all(), name
+        scale = g_ref.abs().max().item()
+        err = (g - g_ref).abs().max().item()
+        assert err <= 1e-5 * scale + 1e-8, f"{name}: max |grad diff| {err:.3g} (max |grad| {scale:.3g})"

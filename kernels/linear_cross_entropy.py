@@ -58,12 +58,14 @@ def check_loss(loss_sum, targets, ignore_index, vocab_size, where):
 
 
 def _addmm_fp32(acc, a, b):
-    """acc (fp32) += a @ b with fp32 accumulation; returns the result (may be a new tensor)."""
+    """acc (fp32) += a @ b, summed in fp32 across calls; returns the result (may be a new tensor)."""
     if a.dtype == acc.dtype:
         return acc.addmm_(a, b)
-    if a.is_cuda:
-        return torch.addmm(acc, a, b, out_dtype=acc.dtype)  # bf16/fp16 x bf16/fp16 -> fp32, beta=1
-    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))  # CPU: exact products of half inputs in fp32
+    if not a.is_cuda:
+        return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))  # CPU: exact products of half inputs in fp32
+    if hasattr(torch.ops.aten.addmm, "dtype"):  # cuBLAS bf16/fp16 x bf16/fp16 -> fp32 C, beta=1
+        return torch.addmm(acc, a, b, out_dtype=acc.dtype)
+    return acc.add_(a @ b)  # older torch: each chunk's product rounded once to a's dtype, summed in fp32
 
 
 @torch.library.custom_op("gpt2k::linear_cross_entropy", mutates_args=())

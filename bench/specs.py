@@ -69,6 +69,11 @@ BENCHES = [
           baselines=("foreach", "fused", "compile"), quick=True),
 ]
 
+# --e2e: one run per single-op switch from the torch backend (what each kernel buys on its own).
+E2E_ABLATIONS = [("layer_norm", "triton"), ("gelu", "triton"), ("attention", "triton"), ("cross_entropy", "triton"),
+                 ("cross_entropy", "cuda"), ("linear_cross_entropy", "triton"), ("linear_cross_entropy", "cuda"),
+                 ("AdamW", "triton")]
+
 
 # ---- the floor: ideal bytes and FLOPs ------------------------------------------------------------
 

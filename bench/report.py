@@ -1,0 +1,252 @@
+"""Results of `bench/run.py`: the JSON schema, the markdown tables, the PNG plots and `--compare`.
+
+One JSON document per run:
+    {"schema": SCHEMA, "kind": "gpu" | "e2e" | "cpu" | "static",
+     "env": {gpu, driver, torch, triton, cuda, python, git_commit, date, argv},
+     "limits": {copy_gbps, matmul_tflops}            (gpu: measured at the start of the same run)
+     "rows": [kernel rows], "e2e": [end-to-end rows], "cpu": [cpu rows], "static": {...}}
+A kernel row: op, variant, mode, provider, role ("baseline" | "ours"), status ("ok" | "unavailable" |
+"error"), reason, and when ok: ms (median), ms_p20, ms_p80, bytes, flops, gbps, tflops, bound,
+pct_of_limit, peak_mem_bytes, speedup {baseline: x}.
+"""
+import json
+import math
+
+SCHEMA = "gpt2-kernel-lab/bench/1"
+KINDS = ("gpu", "e2e", "cpu", "static")
+ENV_KEYS = ("gpu", "driver", "torch", "triton", "cuda", "python", "git_commit", "date")
+ROW_KEYS = ("op", "variant", "mode", "provider", "role", "status")
+ROW_OK_KEYS = ("ms", "ms_p20", "ms_p80", "bytes", "flops", "gbps", "tflops", "pct_of_limit", "bound")
+E2E_KEYS = ("name", "spec", "compile", "status")
+E2E_OK_KEYS = ("tokens_per_sec", "mfu", "peak_mem_bytes", "loss", "steps_measured")
+SLOWER = 1.05  # --compare flags anything more than 5% slower
+
+
+def validate(doc):
+    """Problems with a results document (empty list = valid)."""
+    p = []
+    if not isinstance(doc, dict):
+        return ["document is not a JSON object"]
+    if doc.get("schema") != SCHEMA:
+        p.append(f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
+    if doc.get("kind") not in KINDS:
+        p.append(f"kind {doc.get('kind')!r} not in {KINDS}")
+    env = doc.get("env")
+    if not isinstance(env, dict):
+        p.append("env missing")
+    else:
+        p += [f"env.{k} missing" for k in ENV_KEYS if k not in env]
+    if doc.get("kind") == "gpu":
+        limits = doc.get("limits") or {}
+        for k in ("copy_gbps", "matmul_tflops"):
+            if not _positive(limits.get(k)):
+                p.append(f"limits.{k} must be a positive number, got {limits.get(k)!r}")
+    for i, r in enumerate(doc.get("rows", [])):
+        where = f"rows[{i}] ({r.get('op')} {r.get('variant')} {r.get('mode')} {r.get('provider')})"
+        p += [f"{where}: {k} missing" for k in ROW_KEYS if k not in r]
+        if r.get("status") == "ok":
+            p += [f"{where}: {k} missing" for k in ROW_OK_KEYS if k not in r]
+            ms, lo, hi = r.get("ms"), r.get("ms_p20"), r.get("ms_p80")
+            if not all(_positive(x) for x in (ms, lo, hi)) or not lo <= ms <= hi:
+                p.append(f"{where}: need 0 < ms_p20 <= ms <= ms_p80, got {lo}, {ms}, {hi}")
+        elif r.get("status") in ("unavailable", "error"):
+            if not r.get("reason"):
+                p.append(f"{where}: status {r['status']} without a reason")
+        else:
+            p.append(f"{where}: status {r.get('status')!r} not ok/unavailable/error")
+    for i, r in enumerate(doc.get("e2e", [])):
+        where = f"e2e[{i}] ({r.get('name')})"
+        p += [f"{where}: {k} missing" for k in E2E_KEYS if k not in r]
+        if r.get("status") == "ok":
+            p += [f"{where}: {k} missing" for k in E2E_OK_KEYS if k not in r]
+            if not _positive(r.get("tokens_per_sec")):
+                p.append(f"{where}: tokens_per_sec must be positive")
+        elif not r.get("reason"):
+            p.append(f"{where}: status {r.get('status')!r} without a reason")
+    return p
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def load(path):
+    with open(path) as f:
+        doc = json.load(f)
+    problems = validate(doc)
+    if problems:
+        raise ValueError(f"{path}: not a bench result:\n  " + "\n  ".join(problems[:20]))
+    return doc
+
+
+# ---- markdown ----------------------------------------------------------------------------------
+
+def _key(r):
+    return (r["op"], r["variant"], r["mode"], r["provider"])
+
+
+def env_line(doc):
+    e = doc["env"]
+    return (f"{e['gpu']} (driver {e['driver']}), torch {e['torch']}, triton {e['triton']}, CUDA {e['cuda']}, "
+            f"commit {e['git_commit']}, {e['date']}")
+
+
+def markdown(doc):
+    out = [f"### Kernel timings: {env_line(doc)}"]
+    lim = doc.get("limits")
+    if lim:
+        out.append(f"Measured limits: copy {lim['copy_gbps']:.0f} GB/s, bf16 matmul {lim['matmul_tflops']:.0f} TFLOP/s. "
+                   "% = achieved GB/s (memory-bound) or TFLOP/s (compute-bound) of that limit, against the op's "
+                   "ideal bytes / FLOPs. ms: median [p20, p80].")
+    groups = {}
+    for r in doc.get("rows", []):
+        groups.setdefault((r["op"], r["variant"]), []).append(r)
+    for (op, variant), rows in groups.items():
+        out += ["", f"**{op}** {variant}", "",
+                "| mode | provider | ms | GB/s | TFLOP/s | % limit | peak MiB | speedup vs baselines |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            if r["status"] != "ok":
+                out.append(f"| {r['mode']} | {r['provider']} | {r['status']}: {_short(r.get('reason'))} | | | | | |")
+                continue
+            sp = ", ".join(f"{b} {x:.2f}x" for b, x in (r.get("speedup") or {}).items())
+            tf = f"{r['tflops']:.1f}" if r.get("flops") else "-"
+            mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
+            out.append(f"| {r['mode']} | {r['provider']} | {r['ms']:.3f} [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}] "
+                       f"| {r['gbps']:.0f} | {tf} | {r['pct_of_limit']:.0f}% | {mem} | {sp} |")
+    if doc.get("e2e"):
+        out += ["", e2e_markdown(doc["e2e"])]
+    return "\n".join(out)
+
+
+def e2e_markdown(rows):
+    out = ["**End to end** (`python -m gpt2.train`, warm-up steps excluded; medians)", "",
+           "| run | tokens/s | vs torch | MFU | peak GiB | loss after last step | note |", "|---|---|---|---|---|---|---|"]
+    base = next((r for r in rows if r["name"] == "torch" and r["status"] == "ok"), None)
+    for r in rows:
+        if r["status"] != "ok":
+            out.append(f"| {r['name']} | | | | | | {r['status']}: {_short(r.get('reason'))} |")
+            continue
+        vs = f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x" if base else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        mem = f"{r['peak_mem_bytes'] / 2**30:.2f}" if r.get("peak_mem_bytes") else "-"
+        out.append(f"| {r['name']} | {r['tokens_per_sec']:,.0f} | {vs} | {mfu} | {mem} | {r['loss']:.4f} | |")
+    return "\n".join(out)
+
+
+def _short(text, n=100):
+    text = (text or "").strip().splitlines()
+    return (text[0][:n] if text else "").replace("|", "/")
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+def plots(doc, stem):
+    """stem_speedup.png (ours vs the fastest baseline, per op and mode) and stem_roofline.png (fraction
+    of the measured limit, per provider). Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in doc.get("rows", []) if r["status"] == "ok"]
+    if not rows:
+        return []
+    labels, speed = [], {}
+    ours = sorted({r["provider"] for r in rows if r["role"] == "ours"})
+    for r in rows:
+        if r["role"] == "ours" and r.get("speedup"):
+            label = f"{r['op']} {r['variant']} {r['mode']}"
+            if label not in labels:
+                labels.append(label)
+            speed[(label, r["provider"])] = min(r["speedup"].values())  # vs the fastest baseline
+    paths = []
+    if labels:
+        fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) * max(1, len(ours)) + 1.5))
+        h = 0.8 / max(1, len(ours))
+        for j, prov in enumerate(ours):
+            ys = [i + j * h for i in range(len(labels))]
+            ax.barh(ys, [speed.get((lab, prov), 0) for lab in labels], height=h, label=prov)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_yticks([i + 0.4 - h / 2 for i in range(len(labels))], labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("speedup vs the fastest baseline (x)")
+        ax.set_title(f"Our kernels vs the strongest baseline\n{doc['env']['gpu']}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(f"{stem}_speedup.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    labels = list(dict.fromkeys(f"{r['op']} {r['variant']} {r['mode']}" for r in rows))
+    provs = list(dict.fromkeys(r["provider"] for r in rows))
+    frac = {(f"{r['op']} {r['variant']} {r['mode']}", r["provider"]): r["pct_of_limit"] / 100 for r in rows}
+    fig, ax = plt.subplots(figsize=(10, 0.25 * len(labels) * len(provs) + 1.5))
+    h = 0.8 / len(provs)
+    for j, prov in enumerate(provs):
+        ax.barh([i + j * h for i in range(len(labels))], [frac.get((lab, prov), 0) for lab in labels], height=h, label=prov)
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks([i + 0.4 - h / 2 for i in range(len(labels))], labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("fraction of the measured limit (copy GB/s or bf16 matmul TFLOP/s) at the ideal bytes / FLOPs")
+    ax.set_title(f"Fraction of roofline\n{doc['env']['gpu']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(f"{stem}_roofline.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+# ---- compare -----------------------------------------------------------------------------------
+
+def compare(a, b, threshold=SLOWER):
+    """(markdown, flagged): per row present in both runs, B's time over A's. Flagged: rows more than
+    `threshold` slower in B, rows that ran in A but not in B, e2e runs with fewer tokens/s."""
+    lines = [f"A: {env_line(a)}", f"B: {env_line(b)}", ""]
+    if a["env"]["gpu"] != b["env"]["gpu"]:
+        lines += [f"note: different cards ({a['env']['gpu']} vs {b['env']['gpu']}): compare with care", ""]
+    flagged = []
+    ra = {_key(r): r for r in a.get("rows", [])}
+    rb = {_key(r): r for r in b.get("rows", [])}
+    if ra or rb:
+        lines += ["| op | variant | mode | provider | A ms | B ms | B/A | |", "|---|---|---|---|---|---|---|---|"]
+    for k in list(ra) + [k for k in rb if k not in ra]:
+        x, y = ra.get(k), rb.get(k)
+        if x is None or y is None:
+            lines.append(f"| {' | '.join(k)} | {'-' if x is None else _ms(x)} | {'-' if y is None else _ms(y)} | | only in {'B' if x is None else 'A'} |")
+            continue
+        if x["status"] == "ok" and y["status"] == "ok":
+            ratio = y["ms"] / x["ms"]
+            flag = "SLOWER" if ratio > threshold else ("faster" if ratio < 1 / threshold else "")
+            if flag == "SLOWER":
+                flagged.append(f"{' '.join(k)}: {ratio:.2f}x the time")
+            lines.append(f"| {' | '.join(k)} | {x['ms']:.3f} | {y['ms']:.3f} | {ratio:.2f} | {flag} |")
+        else:
+            flag = "BROKEN" if x["status"] == "ok" else ""
+            if flag:
+                flagged.append(f"{' '.join(k)}: ran in A, {y['status']} in B")
+            lines.append(f"| {' | '.join(k)} | {_ms(x)} | {_ms(y)} | | {flag} |")
+    ea = {r["name"]: r for r in a.get("e2e", [])}
+    eb = {r["name"]: r for r in b.get("e2e", [])}
+    common = [n for n in ea if n in eb]
+    if common:
+        lines += ["", "| e2e run | A tokens/s | B tokens/s | B/A | A loss | B loss | |", "|---|---|---|---|---|---|---|"]
+    for n in common:
+        x, y = ea[n], eb[n]
+        if x["status"] == "ok" and y["status"] == "ok":
+            ratio = y["tokens_per_sec"] / x["tokens_per_sec"]
+            flag = "SLOWER" if ratio < 1 / threshold else ""
+            if flag:
+                flagged.append(f"e2e {n}: {ratio:.2f}x the tokens/s")
+            lines.append(f"| {n} | {x['tokens_per_sec']:,.0f} | {y['tokens_per_sec']:,.0f} | {ratio:.2f} "
+                         f"| {x['loss']:.4f} | {y['loss']:.4f} | {flag} |")
+        elif x["status"] == "ok":
+            flagged.append(f"e2e {n}: ran in A, {y['status']} in B")
+            lines.append(f"| {n} | {x['tokens_per_sec']:,.0f} | {y['status']} | | | | BROKEN |")
+    lines += ["", f"{len(flagged)} flagged (more than {100 * (threshold - 1):.0f}% slower, or broken)"]
+    lines += [f"  - {f}" for f in flagged]
+    return "\n".join(lines), flagged
+
+
+def _ms(r):
+    return f"{r['ms']:.3f}" if r["status"] == "ok" else r["status"]

@@ -1,0 +1,608 @@
+"""Benchmarks: kernel timings against the strongest baselines, end-to-end training, and a static report.
+
+    python bench/run.py                       # GPU: every op in bench/specs.py, all providers (CPU: see below)
+    python bench/run.py gelu attention --quick  # some ops, one shape each
+    python bench/run.py --e2e [--e2e-steps 20] [--e2e-filter triton]   # gpt2.train tokens/s, MFU, memory, loss
+    python bench/run.py --static [gelu ...]   # no GPU: AOT compile report, IO audit, floors; fails on spills
+    python bench/run.py --compare A.json B.json   # differences; exit 1 if anything is >5% slower
+    python bench/run.py --cpu                 # what is meaningful without a GPU (the default there)
+
+GPU mode: the same run first measures the card's copy bandwidth and bf16 matmul throughput, then times
+each op's fwd / bwd / fwd+bwd for every provider with triton.testing.do_bench (CUDA events, L2 flushed
+between repetitions, compile and autotune excluded by a warm-up call): median with p20/p80. Each row
+relates the time to the op's ideal bytes (GB/s) or FLOPs (TFLOP/s) and to the measured limit. A
+provider that cannot run is listed with its reason. Results: <out>/<date>_<gpu>_<kind>.json plus PNG
+plots (default out: bench/results/) and a markdown table on the console.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if __package__ in (None, ""):  # run as a script: make `bench` and `kernels` importable
+    sys.path.insert(0, str(ROOT))
+
+from bench import report, specs  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+# Offline data next to the checkout (as tests/conftest.py does), when the caller has not chosen.
+_SHARED = ROOT.parent / "shared" / "data"
+if _SHARED.is_dir():
+    os.environ.setdefault("GPT2_DATA_CACHE", str(_SHARED))
+    if (_SHARED / "tiktoken_cache").is_dir():
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_SHARED / "tiktoken_cache"))
+TRITON_MODULES = ("kernels.layernorm", "kernels.gelu", "kernels.attention", "kernels.adamw",
+                  "kernels.cross_entropy", "kernels.linear_cross_entropy")
+OURS_ROLE = ("triton", "cuda")
+
+
+# ---- environment -------------------------------------------------------------------------------
+
+def environment():
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "argv": sys.argv[1:]}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception as e:  # reported, not fatal
+        env["triton"] = f"unavailable ({e})"
+    env["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU: " + (platform.processor() or platform.machine()) + ")"
+    env["driver"] = _driver()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        env["git_commit"] = (commit + ("+dirty" if dirty else "")) or "unknown"
+    except OSError:
+        env["git_commit"] = "unknown"
+    return env
+
+
+def _driver():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "none"
+    except (OSError, subprocess.TimeoutExpired):
+        return "none"
+
+
+def write_doc(doc, out, kind):
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", doc["env"]["gpu"]).strip("-")[:40]
+    stamp = doc["env"]["date"][:19].replace(":", "-")
+    path = out / f"{stamp}_{gpu}_{kind}.json"
+    problems = report.validate(doc)
+    if problems:  # a bug in this file: still write the data, but say so
+        print("WARNING: result does not match the schema:\n  " + "\n  ".join(problems[:10]))
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+# ---- GPU timings -------------------------------------------------------------------------------
+
+def measure_limits(quick):
+    """The card's copy bandwidth (1 GiB device-to-device copy: read + write) and bf16 matmul TFLOP/s."""
+    import torch
+    from triton.testing import do_bench
+
+    x = torch.empty(2**30 // 4, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=25, rep=100)
+    copy_gbps = 2 * x.numel() * 4 / ms / 1e6
+    del x, y
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, warmup=25, rep=50 if quick else 100)
+    return {"copy_gbps": copy_gbps, "matmul_tflops": 2 * n**3 / ms / 1e9,
+            "how": "copy: 1 GiB fp32 y.copy_(x), 2 bytes moved per byte; matmul: 8192^3 bf16 a @ b"}
+
+
+class Unavailable(Exception):
+    pass
+
+
+def build_provider(b, name):
+    """The callable for provider `name` of bench b, or raise Unavailable with the reason."""
+    import kernels
+
+    if name in specs.BASELINES:
+        try:
+            return specs.BASELINES[name][1](b.op)
+        except Exception as e:
+            raise Unavailable(f"{type(e).__name__}: {e}") from e
+    try:
+        ops = kernels.get_ops(f"torch,{b.op}={name}")
+    except (kernels.BackendUnavailable, ValueError) as e:
+        raise Unavailable(str(e).replace("\n", " ")) from e
+    return getattr(ops, b.op)
+
+
+def time_row(b, mode, fn, rep):
+    """(ms, p20, p80, peak bytes above the inputs) for one mode of one provider."""
+    import torch
+    from triton.testing import do_bench
+
+    args, kwargs, leaves = specs.make_inputs(b, "cuda")
+    if b.op == "AdamW":
+        (params,) = args
+        opt = fn(specs.adamw_groups(params), lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
+        opt.step()  # allocates the state; compiles / autotunes
+        run, grad_to_none = opt.step, None
+    else:
+        out = fn(*args, **kwargs)  # warm-up: compile and autotune happen here, untimed
+        dy = torch.randn_like(out) if out.numel() > 1 else None
+        if mode == "fwd":
+            def run():
+                return fn(*args, **kwargs)
+        elif mode == "bwd":
+            def run():
+                out.backward(dy, retain_graph=True)
+        else:
+            def run():
+                fn(*args, **kwargs).backward(dy)
+        run()
+        grad_to_none = leaves
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    ms, p20, p80 = do_bench(run, warmup=25, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    return ms, p20, p80, peak
+
+
+def run_gpu(args):
+    import torch
+
+    env = environment()
+    print(f"# {env['gpu']}: measuring copy bandwidth and bf16 matmul throughput...", flush=True)
+    limits = measure_limits(args.quick)
+    print(f"#   copy {limits['copy_gbps']:.0f} GB/s, matmul {limits['matmul_tflops']:.0f} TFLOP/s", flush=True)
+    rows = []
+    for b in specs.selected(args.ops, args.quick):
+        built = {}
+        for name in b.providers:
+            try:
+                built[name] = build_provider(b, name)
+            except Unavailable as e:
+                built[name] = e
+        for mode in b.modes:
+            group = []
+            for name in b.providers:
+                row = {"op": b.op, "variant": b.variant, "mode": mode, "provider": name,
+                       "role": "ours" if name in OURS_ROLE else "baseline"}
+                fn = built[name]
+                if isinstance(fn, Unavailable):
+                    row.update(status="unavailable", reason=str(fn))
+                else:
+                    t0 = time.time()
+                    try:
+                        ms, p20, p80, peak = time_row(b, mode, fn, args.rep)
+                    except Exception as e:  # OOM, a backend that refuses the shape: listed, never dropped
+                        row.update(status="error", reason=f"{type(e).__name__}: {e}"[:1000])
+                    else:
+                        row.update(_metrics(b, mode, ms, p20, p80, peak, limits))
+                    row["wall_s"] = round(time.time() - t0, 1)
+                    torch.cuda.empty_cache()
+                group.append(row)
+                _progress(row)
+            _speedups(group)
+            rows += group
+    doc = {"schema": report.SCHEMA, "kind": "gpu", "env": env, "limits": limits, "rows": rows,
+           "settings": {"warmup_ms": 25, "rep_ms": args.rep, "quantiles": [0.5, 0.2, 0.8], "quick": args.quick}}
+    _finish(doc, args, "gpu")
+    return 0
+
+
+def _metrics(b, mode, ms, p20, p80, peak, limits):
+    nbytes, nflops = specs.ideal_bytes(b, mode), specs.flops(b, mode)
+    gbps, tflops = nbytes / ms / 1e6, nflops / ms / 1e9
+    pct = 100 * (tflops / limits["matmul_tflops"] if b.bound == "compute" else gbps / limits["copy_gbps"])
+    return {"status": "ok", "ms": ms, "ms_p20": p20, "ms_p80": p80, "bytes": nbytes, "flops": nflops,
+            "gbps": gbps, "tflops": tflops, "bound": b.bound, "pct_of_limit": pct, "peak_mem_bytes": peak}
+
+
+def _speedups(group):
+    base = {r["provider"]: r["ms"] for r in group if r["role"] == "baseline" and r["status"] == "ok"}
+    for r in group:
+        if r["role"] == "ours" and r["status"] == "ok":
+            r["speedup"] = {name: ms / r["ms"] for name, ms in base.items()}
+
+
+def _progress(r):
+    what = f"{r['op']:<20} {r['variant']:<26} {r['mode']:<8} {r['provider']:<11}"
+    if r["status"] == "ok":
+        print(f"  {what} {r['ms']:8.3f} ms  {r['pct_of_limit']:5.1f}% of limit", flush=True)
+    else:
+        print(f"  {what} {r['status']}: {report._short(r['reason'], 140)}", flush=True)
+
+
+def _finish(doc, args, kind):
+    print()
+    print(report.markdown(doc) if kind in ("gpu", "e2e") else "")
+    if args.out or kind in ("gpu", "e2e"):
+        path = write_doc(doc, args.out or RESULTS, kind)
+        print(f"\nwrote {path}")
+        if kind == "gpu":
+            for p in report.plots(doc, str(path.with_suffix(""))):
+                print(f"wrote {p}")
+
+
+# ---- end to end --------------------------------------------------------------------------------
+
+def e2e_configs():
+    """(name, spec, compile): the headline configurations, then one single-op switch from torch each."""
+    runs = [("torch", False), ("torch", True), ("triton", False), ("triton,cross_entropy=cuda", False),
+            ("triton", True), ("triton,cross_entropy=cuda", True)]
+    runs += [(f"torch,{op}={be}", False) for op, be in specs.E2E_ABLATIONS]
+    return [(spec + (" --compile" if c else ""), spec, c) for spec, c in runs]
+
+
+def run_e2e(args):
+    import torch
+
+    import kernels
+
+    env = environment()
+    if not torch.cuda.is_available():
+        print("NOTE: --e2e needs a CUDA GPU (GPT-2 124M at B=16, T=1024); nothing was run. "
+              "`python bench/run.py` without a GPU times the tiny model on the CPU instead.")
+        return 0
+    rows = []
+    for name, spec, compiled in e2e_configs():
+        if args.e2e_filter and not re.search(args.e2e_filter, name):
+            continue
+        row = {"name": name, "spec": spec, "compile": compiled}
+        try:
+            kernels.get_ops(spec)
+        except (kernels.BackendUnavailable, ValueError) as e:
+            rows.append({**row, "status": "unavailable", "reason": str(e).replace("\n", " ")})
+            print(f"  {name}: unavailable", flush=True)
+            continue
+        rows.append({**row, **train_run(spec, compiled, args, Path(args.out or RESULTS) / "e2e" / _slug(name))})
+        r = rows[-1]
+        print(f"  {name}: " + (f"{r['tokens_per_sec']:,.0f} tok/s, loss {r['loss']:.4f}" if r["status"] == "ok"
+                               else f"{r['status']}: {report._short(r['reason'], 200)}"), flush=True)
+    doc = {"schema": report.SCHEMA, "kind": "e2e", "env": env, "rows": [], "e2e": rows,
+           "settings": {"model": "gpt2", "batch_size": args.e2e_batch, "seq_len": args.e2e_seq,
+                        "steps": args.e2e_steps, "warmup_steps_excluded": args.e2e_warmup, "data": args.data}}
+    _finish(doc, args, "e2e")
+    return 0
+
+
+def _slug(name):
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def train_run(spec, compiled, args, out, model="gpt2"):
+    """Run gpt2.train for args.e2e_steps steps; summarize log.jsonl without the warm-up steps."""
+    import shutil
+
+    if out.exists():
+        shutil.rmtree(out)
+    B, T = args.e2e_batch, args.e2e_seq
+    cmd = [sys.executable, "-m", "gpt2.train", "--model", model, "--kernels", spec, "--batch-size", str(B),
+           "--seq-len", str(T), "--total-batch-size", str(B * T), "--max-steps", str(args.e2e_steps),
+           "--out", str(out), "--eval-every", "0", "--hellaswag-every", "0", "--sample-every", "0",
+           "--sample-tokens", "0", "--checkpoint-every", "0", "--no-checkpoint", "--data", args.data, "--quiet"]
+    if compiled:
+        cmd.append("--compile")
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.e2e_timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "reason": f"timed out after {args.e2e_timeout} s: {' '.join(cmd)}"}
+    wall = round(time.time() - t0, 1)
+    if proc.returncode != 0:
+        err = proc.stderr.strip().splitlines() or ["(no stderr)"]
+        return {"status": "error", "reason": f"exit {proc.returncode}: {err[-1]}\n" + "\n".join(err[-30:]), "wall_s": wall}
+    return {**summarize_log(out / "log.jsonl", args.e2e_warmup), "wall_s": wall}
+
+
+def summarize_log(path, warmup):
+    steps = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    steps = [s for s in steps if "tokens_per_sec" in s]
+    measured = steps[warmup:]
+    if not measured:
+        return {"status": "error", "reason": f"{path}: {len(steps)} steps logged, none after the {warmup} warm-up steps"}
+    med = lambda k: statistics.median(s[k] for s in measured) if all(s.get(k) is not None for s in measured) else None  # noqa: E731
+    peaks = [s["peak_mem_bytes"] for s in steps if s.get("peak_mem_bytes") is not None]
+    return {"status": "ok", "tokens_per_sec": med("tokens_per_sec"), "mfu": med("mfu"),
+            "step_time_s": med("step_time_s"), "peak_mem_bytes": max(peaks) if peaks else None,
+            "loss": steps[-1]["loss"], "steps": len(steps), "steps_measured": len(measured)}
+
+
+# ---- static report (no GPU) --------------------------------------------------------------------
+
+def triton_modules(ops=None):
+    """(with_kernels, drivers, missing): our Triton modules (the registry's, TRITON_MODULES and any
+    kernels/*.py with @triton.jit), split into those with @triton.jit kernels (each must define
+    compile_specs()), pure-Python drivers of other modules' kernels, and not written yet."""
+    import importlib.util
+
+    import kernels
+
+    registry = {t.split(":")[0]: op for op, impls in kernels._REGISTRY.items() for b, t in impls.items() if b == "triton"}
+    if ops:
+        names = {m for m, op in registry.items() if op in ops}
+    else:
+        names = set(TRITON_MODULES) | set(registry)
+        names |= {f"kernels.{f.stem}" for f in (ROOT / "kernels").glob("*.py")
+                  if not f.name.startswith("_") and "@triton.jit" in f.read_text()}
+    with_kernels, drivers, missing = [], [], []
+    for n in sorted(names):
+        spec = importlib.util.find_spec(n)
+        if spec is None:
+            missing.append(n)
+        elif "@triton.jit" in Path(spec.origin).read_text():
+            with_kernels.append(n)
+        else:
+            drivers.append(n)
+    return with_kernels, drivers, missing
+
+
+def static_problems(row):
+    """(failures, warnings) of one compile row: a spill, a shared-memory overflow or a failed compile
+    fail `--static`; no 128-bit loads where expected is a warning."""
+    if row.get("error"):
+        lines = row["error"].strip().splitlines() or ["?"]
+        return [f"compile failed: {lines[0][:200]}" + (f" ... {lines[-1][:300]}" if len(lines) > 1 else "")], []
+    fails = []
+    if row.get("spill_bytes"):
+        fails.append(f"{row['spill_bytes']} bytes of register spills")
+    limit = row.get("shared_limit") or _SHARED_LIMIT.get(row.get("arch"))
+    if limit and row.get("shared_bytes", 0) > limit:
+        fails.append(f"shared memory {row['shared_bytes']} B > limit {limit} B")
+    warns = []
+    if row.get("expect_ld128") and row.get("ld128") == 0:
+        warns.append("no 128-bit global loads")
+    return fails, warns
+
+
+_SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
+
+
+def run_static(args):
+    from kernels import _triton_utils
+
+    failures = []
+    existing, drivers, missing = triton_modules(args.ops)
+    print("## Static report (no GPU): AOT compile for sm_80 / sm_90\n")
+    print("| module | kernel | arch | regs | spill B | shared B | 128-bit loads | status |\n|---|---|---|---|---|---|---|---|")
+    t_rows = []
+    for m in existing:
+        try:
+            rows = _triton_utils.static_report([m])
+        except Exception as e:  # the module failed to import or has no compile_specs()
+            rows = [{"name": "-", "arch": "-", "error": f"{type(e).__name__}: {str(e)[-500:]}"}]
+        for r in rows:
+            r["module"] = m
+        t_rows += rows
+    for m in missing:
+        print(f"| {m} | - | - | | | | | missing (not written yet; not a failure) |")
+    for m in drivers:
+        print(f"| {m} | - | - | | | | | no @triton.jit kernels of its own (drives other modules' kernels) |")
+    if not args.ops or args.ops & {"cross_entropy", "linear_cross_entropy"}:
+        t_rows += _cuda_rows()
+    for r in t_rows:
+        if r.get("status") == "missing":
+            print(f"| {r['module']} | - | - | | | | | missing: {report._short(r['reason'])} |")
+            continue
+        fails, warns = static_problems(r)
+        failures += [f"{r['module']} {r.get('name')} {r.get('arch')}: {f}" for f in fails]
+        status = "FAIL: " + "; ".join(fails) if fails else ("warn: " + "; ".join(warns) if warns else "ok")
+        ld = r.get("ld128")
+        print(f"| {r['module']} | {r.get('name')} | {r.get('arch')} | {r.get('registers', '-')} | {r.get('spill_bytes', '-')} "
+              f"| {r.get('shared_bytes', '-')} | {'-' if ld is None else ld} | {report._short(status, 200)} |")
+
+    print("\n## IO audit (Triton interpreter, 256 x 768-like shapes)\n")
+    from bench import io_audit
+
+    try:
+        audit = io_audit.audit(None if not args.ops else
+                               [n for n, (op, _, _) in io_audit.AUDITS.items() if op in args.ops or op == "-"])
+        print(io_audit.table(audit))
+    except Exception as e:  # reported; tests/test_bench.py enforces the audit
+        audit = [{"kernel": "-", "status": "error", "reason": f"{type(e).__name__}: {e}"}]
+        print(f"IO audit failed: {e}")
+    print(f"(unique/ideal must stay <= {io_audit.LIMIT}: enforced by tests/test_bench.py)")
+
+    print("\n## Floors: ideal bytes and FLOPs at GPT-2 shapes, time at datasheet peaks\n")
+    cards = list(specs.CARDS)
+    print("| op | variant | mode | ideal bytes | FLOPs | " + " | ".join(f"floor {c}" for c in cards) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(cards))
+    floors = []
+    for b in specs.selected(args.ops):
+        for mode in b.modes:
+            f = {c: specs.floor_seconds(b, mode, c) for c in cards}
+            floors.append({"op": b.op, "variant": b.variant, "mode": mode, "bytes": specs.ideal_bytes(b, mode),
+                           "flops": specs.flops(b, mode), "floor_s": f})
+            print(f"| {b.op} | {b.variant} | {mode} | {specs.fmt_si(floors[-1]['bytes'], 'B')} | "
+                  f"{specs.fmt_si(floors[-1]['flops'], 'FLOP') if floors[-1]['flops'] else '-'} | "
+                  + " | ".join(f"{1e3 * f[c]:.3f} ms" for c in cards) + " |")
+    doc = {"schema": report.SCHEMA, "kind": "static", "env": environment(), "rows": [],
+           "static": {"compile": t_rows, "missing": missing, "drivers": drivers, "io_audit": audit, "floors": floors, "failures": failures}}
+    if args.out:
+        print(f"\nwrote {write_doc(doc, args.out, 'static')}")
+    if failures:
+        print(f"\nFAILED: {len(failures)} kernel(s) spill, overflow shared memory or do not compile:")
+        print("\n".join(f"  - {f}" for f in failures))
+        return 1
+    print(f"\nstatic report ok: {len(t_rows)} compile rows, no spills, shared memory within limits")
+    return 0
+
+
+def _cuda_rows():
+    """The CUDA classifier's `nvcc -Xptxas -v` rows (kernels.classifier.ptxas_report)."""
+    import importlib.util
+
+    if importlib.util.find_spec("kernels.classifier") is None:
+        return [{"module": "kernels.classifier", "status": "missing", "reason": "kernels/classifier.py does not exist yet"}]
+    try:
+        import kernels.classifier as cls
+
+        report_fn = getattr(cls, "ptxas_report", None)
+        if report_fn is None:
+            return [{"module": "kernels.classifier", "status": "missing", "reason": "kernels.classifier has no ptxas_report()"}]
+        if cls._nvcc() is None:
+            return [{"module": "kernels.classifier", "status": "missing", "reason": "no nvcc: the CUDA toolkit is not installed"}]
+        rows = report_fn()
+    except Exception as e:
+        return [{"module": "kernels.classifier", "name": "-", "arch": "-", "error": f"{type(e).__name__}: {str(e)[-800:]}"}]
+    for r in rows:
+        r["module"] = "kernels.classifier (nvcc)"
+    return rows
+
+
+# ---- CPU mode ----------------------------------------------------------------------------------
+
+def run_cpu(args):
+    import torch
+    from torch.utils import benchmark as tb
+
+    print("NOTE: no CUDA GPU visible: the GPU kernels were NOT timed. What follows is what is meaningful on a CPU;\n"
+          "      `python bench/run.py --static` checks the kernels without a GPU.\n")
+    env, rows = environment(), []
+    # 1. The C++ CPU cross-entropy against F.cross_entropy and the eager reference.
+    import torch.nn.functional as F
+
+    import kernels
+    from kernels import reference
+
+    N, V = (32, 50304) if args.quick else (128, 50304)
+    logits = torch.randn(N, V, requires_grad=True)
+    targets = torch.randint(0, 50257, (N,))
+    fns = {"F.cross_entropy": lambda lg, t: F.cross_entropy(lg[:, :50257], t), "eager reference": reference.cross_entropy}
+    try:
+        fns["cuda backend (C++ CPU)"] = kernels.get_ops("torch,cross_entropy=cuda").cross_entropy
+    except (kernels.BackendUnavailable, ValueError) as e:
+        rows.append({"what": "cross_entropy", "provider": "cuda backend (C++ CPU)", "status": "unavailable", "reason": str(e)})
+    for name, fn in fns.items():
+        call = (lambda fn=fn: fn(logits, targets)) if name == "F.cross_entropy" else (lambda fn=fn: fn(logits, targets, -1, 50257))
+
+        def fwd_bwd(call=call):
+            call().backward()
+            logits.grad = None
+        for mode, stmt in (("fwd", call), ("fwd+bwd", fwd_bwd)):
+            what = f"cross_entropy N={N} V={V} fp32 {mode}"
+            try:
+                m = tb.Timer(stmt="stmt()", globals={"stmt": stmt}).blocked_autorange(min_run_time=0.3 if args.quick else 1.0)
+                rows.append({"what": what, "provider": name, "status": "ok", "ms": m.median * 1e3,
+                             "ms_p20": 1e3 * _q(m.times, 0.2), "ms_p80": 1e3 * _q(m.times, 0.8)})
+            except Exception as e:
+                rows.append({"what": what, "provider": name, "status": "error", "reason": f"{type(e).__name__}: {e}"})
+    # 2. Data loader throughput.
+    try:
+        from gpt2 import data as gdata
+
+        B, T = 16, 256
+        loader = gdata.make_loader(args.data, "train", B, T)
+        loader.next_batch()  # tokenizes (cached) the text
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < (0.5 if args.quick else 2.0):
+            loader.next_batch()
+            n += 1
+        rows.append({"what": f"data loader {args.data} B={B} T={T}", "provider": "gpt2.data", "status": "ok",
+                     "tokens_per_sec": n * B * T / (time.perf_counter() - t0)})
+    except Exception as e:
+        rows.append({"what": "data loader", "provider": "gpt2.data", "status": "error", "reason": f"{type(e).__name__}: {e}"})
+    # 3. Trainer tokens/sec, tiny model, torch backend.
+    ns = argparse.Namespace(e2e_batch=4, e2e_seq=128, e2e_steps=6 if args.quick else 12, e2e_warmup=2,
+                            e2e_timeout=args.e2e_timeout, data=args.data)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        r = train_run("torch", False, ns, Path(d) / "tiny", model="tiny")
+    rows.append({"what": f"gpt2.train tiny B=4 T=128 {ns.e2e_steps} steps (first 2 excluded)", "provider": "torch", **r})
+
+    print("| what | provider | result |\n|---|---|---|")
+    for r in rows:
+        if r["status"] != "ok":
+            res = f"{r['status']}: {report._short(r.get('reason'), 160)}"
+        elif "ms" in r:
+            res = f"{r['ms']:.3f} ms [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}]"
+        else:
+            res = f"{r['tokens_per_sec']:,.0f} tokens/s" + (f", loss {r['loss']:.3f}" if "loss" in r else "")
+        print(f"| {r['what']} | {r['provider']} | {res} |")
+    doc = {"schema": report.SCHEMA, "kind": "cpu", "env": env, "rows": [], "cpu": rows, "torch_threads": torch.get_num_threads()}
+    if args.out:
+        print(f"\nwrote {write_doc(doc, args.out, 'cpu')}")
+    return 0
+
+
+def _q(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("ops", nargs="*", help=f"ops to time (default all): {', '.join(sorted({b.op for b in specs.BENCHES}))}")
+    a("--ops", dest="ops_opt", default=None, help="comma-separated ops (same as the positional list)")
+    a("--quick", action="store_true", help="one shape per op, shorter repetitions")
+    a("--rep", type=int, default=None, help="do_bench repetition time in ms (default 100, --quick 50)")
+    a("--out", default=None, help="results folder (default bench/results/ for GPU runs; static/cpu write only with --out)")
+    a("--static", action="store_true", help="no GPU needed: AOT compile report, IO audit, floors; exit 1 on spills")
+    a("--cpu", action="store_true", help="the CPU mode (default when no GPU is visible)")
+    a("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two results; exit 1 if anything is >5%% slower")
+    a("--e2e", action="store_true", help="end-to-end gpt2.train runs instead of kernel timings")
+    a("--e2e-steps", type=int, default=20, help="optimizer steps per e2e run")
+    a("--e2e-warmup", type=int, default=5, help="first steps excluded (compile, autotune, allocator warm-up)")
+    a("--e2e-filter", default=None, help="regex on the run name, e.g. '^triton' or 'compile'")
+    a("--e2e-batch", type=int, default=16)
+    a("--e2e-seq", type=int, default=1024)
+    a("--e2e-timeout", type=int, default=300, help="seconds per training run")
+    a("--data", default=None, help="training text/shards for --e2e and the CPU mode (default: tiny Shakespeare)")
+    args = p.parse_args(argv)
+    ops = list(args.ops) + (args.ops_opt.split(",") if args.ops_opt else [])
+    known = {b.op for b in specs.BENCHES}
+    bad = [o for o in ops if o not in known]
+    if bad:
+        p.error(f"unknown op(s) {bad}; known: {', '.join(sorted(known))}")
+    args.ops = set(ops) or None
+    args.rep = args.rep or (50 if args.quick else 100)
+    if args.data is None:
+        args.data = "shakespeare"
+    if args.e2e_warmup >= args.e2e_steps:
+        p.error("--e2e-warmup must be smaller than --e2e-steps")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.compare:
+        text, flagged = report.compare(report.load(args.compare[0]), report.load(args.compare[1]))
+        print(text)
+        return 1 if flagged else 0
+    if args.static:
+        return run_static(args)
+    import torch
+
+    if args.e2e:
+        return run_e2e(args)
+    if args.cpu or not torch.cuda.is_available():
+        return run_cpu(args)
+    return run_gpu(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

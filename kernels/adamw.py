@@ -283,25 +283,30 @@ class AdamW(torch.optim.Optimizer):
         return s
 
     def _launches_for(self, i, group):
+        """The cached launches of group i. The key is every param's and grad's address (a few us per
+        tensor): new grads at new addresses, a param moved, or a param gaining/losing its grad rebuild
+        the tables. State tensors change through _init_state and load_state_dict (which clear the cache)
+        or `opt.state.clear()` (len changes); whoever swaps state tensors by hand must clear opt._launches."""
         params = [p for p in group["params"] if p.grad is not None]
-        for p in params:
-            if p.grad.is_sparse:
-                raise ValueError("kernels.adamw.AdamW does not support sparse gradients")
-            if p.grad.dtype != p.dtype or p.grad.shape != p.shape:
-                raise ValueError(f"kernels.adamw.AdamW: grad {p.grad.dtype} {tuple(p.grad.shape)} does not match "
-                                 f"its param {p.dtype} {tuple(p.shape)}")
-        states = [self._init_state(p) for p in params]
-        key = tuple((p.data_ptr(), p.grad.data_ptr(), s["exp_avg"].data_ptr(), s["exp_avg_sq"].data_ptr(),
-                     s["step"].data_ptr(), p.numel(), p.dtype, p.device) for p, s in zip(params, states))
+        key = (id(self.state), len(self.state)) + tuple(p.data_ptr() for p in params) + tuple(
+            p.grad.data_ptr() for p in params)
         cached = self._launches.get(i)
         if cached is not None and cached[0] == key:
             return cached[1]
         buckets = {}
-        for p, s in zip(params, states):
-            tensors = (p, p.grad, s["exp_avg"], s["exp_avg_sq"])
-            if not all(t.is_contiguous() for t in tensors):
+        for p in params:
+            s = self._init_state(p)
+            if p.grad.is_sparse:
+                raise ValueError("kernels.adamw.AdamW does not support sparse gradients")
+            if p.grad.dtype != p.dtype or p.grad.shape != p.shape or p.grad.device != p.device:
+                raise ValueError(f"kernels.adamw.AdamW: grad {p.grad.dtype} {tuple(p.grad.shape)} does not match "
+                                 f"its param {p.dtype} {tuple(p.shape)}")
+            if not all(t.is_contiguous() for t in (p, p.grad, s["exp_avg"], s["exp_avg_sq"])):
                 raise ValueError("kernels.adamw.AdamW needs contiguous params, grads and state "
                                  f"(a param of shape {tuple(p.shape)} is not)")
+            if any(s[k].shape != p.shape or s[k].dtype != p.dtype or s[k].device != p.device
+                   for k in ("exp_avg", "exp_avg_sq")):
+                raise ValueError("kernels.adamw.AdamW: exp_avg / exp_avg_sq must match their param")
             if s["step"].device != p.device or s["step"].dtype != torch.float32 or s["step"].numel() != 1:
                 raise ValueError("kernels.adamw.AdamW: state['step'] must be a float32 scalar on the param's device")
             buckets.setdefault((p.device, p.dtype), []).append((p, s))

@@ -207,6 +207,12 @@ def test_grads_reallocated_rebuild_the_table(device):
         opt.step()
         ref_opt.step()
         _compare(ours, ref, opt, ref_opt, f"step {t + 1}:")
+    opt.state.clear()  # a state reset: the cached tables must not point at the freed moments
+    ref_opt.state.clear()
+    _set_grads(ours, ref)
+    opt.step()
+    ref_opt.step()
+    _compare(ours, ref, opt, ref_opt, "after state.clear():")
 
 
 def test_bf16_params_round_once(device):

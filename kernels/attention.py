@@ -24,13 +24,17 @@ What is fused (q, k, v: (B, H, T, D), causal, scale 1/sqrt(D); S = QK^T/sqrt(D),
   the model that is (B, T, H, D) memory, so its transpose(1, 2).reshape(B, T, C) after attention is free.
   Dtypes: bf16 and fp16 take tensor-core dots with fp32 accumulation, P and dS are rounded to the input
   dtype before their dots (as FlashAttention does). fp32 is accepted and computed with exact fp32 dots
-  (input_precision="ieee", no TF32) on the GPU and in the interpreter alike: a correctness path, slow.
+  (input_precision="ieee", no TF32) on the GPU and in the interpreter alike: a correctness path, slow on a
+  GPU (FMA dots; the big tiles spill registers in fp32).
 
 FLOPs (causal, counting only the unmasked half): forward 2 * 2 * B*H*T*T*D / 2 (QK^T and PV), backward
-  2.5x that (QK^T recomputed, dV, dP, dQ, dK). B=16, H=12, T=1024, D=64: fwd 0.41 TFLOP, bwd 1.03 TFLOP.
+  2.5x that (dV, dP, dQ, dK and the recomputed QK^T). B=16, H=12, T=1024, D=64: fwd 25.8 GFLOP, bwd 64.4 GFLOP.
+  This backward does 3.5x the forward's dot work, not 2.5x: the dQ kernel recomputes QK^T and dO V^T instead of
+  accumulating dQ with atomics (the price of determinism; the benchmark counts the 2.5x, as FA2 does).
 Bytes (floor, s bytes per element): forward reads q, k, v, writes o and the LSE: 4*B*H*T*D*s + 4*B*H*T;
-  backward reads q, k, v, o, dO, LSE, writes dq, dk, dv (and delta): 8*B*H*T*D*s + 12*B*H*T. At T=1024,
-  D=64 that is ~2*T/4 ~ 500 FLOPs per byte before K/V re-reads: compute bound, unlike the other kernels.
+  backward reads q, k, v, o, dO, LSE, writes dq, dk, dv (and delta): 8*B*H*T*D*s + 12*B*H*T.
+  Forward intensity ~T/4 FLOPs per byte in bf16 (256 at T=1024): compute bound, unlike the other kernels.
+  K/V tiles are re-read by every query tile of the same head, from L2.
 
 Test: pytest tests/test_attention.py (interpreter on CPU, real kernel and bf16 on a GPU).
 Benchmark: python bench/run.py (attention); static report: compile_specs() via kernels/_triton_utils.py.
@@ -298,9 +302,11 @@ def _attn_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). FA2 on Ampere/Hopper: big query tiles in the forward and dQ
 # (the Q tile and the fp32 accumulator stay in registers), big key tiles in dK/dV; the streamed operand's
 # tile small enough for 2-4 pipeline stages in shared memory.
-_FWD_CONFIGS = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
-_DKDV_CONFIGS = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)]
-_DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2)]
+# Every config here compiles for sm_80 and sm_90 without register spills at D=64 bf16 (tested); configs that
+# spilled on either (e.g. forward 128x64 with 4 warps, dK/dV 32x128 with 4 warps) were dropped.
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
+_DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]
+_DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
 _PREPROCESS_BLOCK_M = 64
 
 # Without a GPU: one small config per kernel, uneven (BLOCK_M != BLOCK_N) so the interpreter exercises
@@ -392,9 +398,9 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-def _like(t, dtype=None):
+def _like(t):
     """An output in t's dimension order (so (B, T, H, D) memory for the model's views), unit last stride."""
-    out = torch.empty_like(t, dtype=dtype)
+    out = torch.empty_like(t)
     return out if out.stride(-1) == 1 else torch.empty(t.shape, dtype=out.dtype, device=t.device)
 
 
@@ -489,7 +495,7 @@ def attention(q, k, v):
 def compile_specs():
     """Every kernel with every autotune config at GPT-2's shape as the model calls it: bf16, D=64, T=1024,
     q/k/v views of the (B, T, 3C) projection (stride_t = 3C = 2304, stride_h = 64), outputs (B, T, H, D)
-    memory; pointers and strides divisible by 16, H = 12 (not)."""
+    memory. The JIT sees every pointer, stride, T and T_BUCKET divisible by 16 there; H = 12 is not."""
     bf, f32, i32 = "*bf16", "*fp32", "i32"
 
     def strided(*names):
@@ -517,7 +523,7 @@ def compile_specs():
                 signature={**sig, "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                            "DOT_PREC": "constexpr"},
                 constexprs={"HEAD_DIM": 64, "BLOCK_M": bm, "BLOCK_N": bn, "DOT_PREC": "tf32"},
-                aligned=aligned(sig), num_warps=warps, num_stages=stages, expect_ld128=False))
+                aligned=aligned(sig), num_warps=warps, num_stages=stages))
     specs.append(AotSpec(
         name=f"attention_bwd_preprocess bf16 D=64 T=1024 BLOCK_M={_PREPROCESS_BLOCK_M}", fn=_attn_bwd_preprocess_kernel,
         signature={**pre_sig, "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"},

@@ -3,9 +3,11 @@
 What is fused: per row, one sweep over the logits computes the running max and sum of exp (online
 softmax, fp32) and picks out logit[target]; loss = logsumexp - logit[target]. When a gradient is
 needed a second sweep writes dlogits = softmax - onehot(target), in place over the logits or into a
-new buffer, so the backward pass is only a scale (by grad_output / count: the op folds 1/count
-into the kernel so half-precision gradients are rounded once, fused_ce_ leaves it to the caller). Unfused eager PyTorch
-writes the fp32 copy, the log-softmax, its gradient and the cast back: about 8 passes over N x V.
+new buffer, so the backward pass is only a scale by grad_output / count (the cross_entropy op folds
+1/count into the kernel, so a half-precision gradient is rounded once, as the reference's is;
+backward scales by grad_output in place and skips the pass when it is 1; fused_ce_ leaves the
+scale to its caller). Unfused eager PyTorch writes the fp32 copy, the
+log-softmax, its gradient and the cast back: about 8 passes over N x V.
 
 Floor: read the logits once and write dlogits once (forward+backward); the second sweep re-reads
 the row, which usually still sits in L2 (one 50304-wide bf16 row is 100 KB). For N=16384,
@@ -66,7 +68,7 @@ def _ce_kernel(
                 tl.store(out_ptr + cols, zero, mask=cols < n_cols)
     else:
         # Sweep 1: running max m (a scalar per block) and per-lane sums of exp(x - m).
-        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)  # an fp32 scalar -inf
         s = tl.zeros([BLOCK], dtype=tl.float32)
         x_target = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
@@ -95,6 +97,23 @@ def _ce_kernel(
                 tl.store(out_ptr + cols, g.to(out_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
+@triton.jit
+def _scale_kernel(
+    ptr,  # (numel,) dlogits, scaled in place
+    scale_ptr,  # (1,) fp32 grad_output
+    numel,
+    BLOCK: tl.constexpr,
+):
+    scale = tl.load(scale_ptr)
+    if scale != 1.0:  # the usual loss.backward(): nothing to read or write
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(ptr + offs, mask=offs < numel).to(tl.float32)
+        tl.store(ptr + offs, (x * scale).to(ptr.dtype.element_ty), mask=offs < numel)
+
+
+_SCALE_BLOCK = 2048
+
+
 def _config(n_cols):
     """(BLOCK, num_warps): 4096-wide blocks (16 elements per thread at 8 warps) for GPT-2's vocab."""
     block = min(4096, triton.next_power_of_2(max(n_cols, 16)))
@@ -106,7 +125,8 @@ def _check(logits, targets, vocab_size, where):
         raise ValueError(f"{where}: logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
     if logits.dtype not in _DTYPES:
         raise ValueError(f"{where}: logits dtype {logits.dtype} is not supported (float32, bfloat16, float16)")
-    if not (logits.device.type == "cuda" or (logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+    interpreted = logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if logits.device.type != "cuda" and not interpreted:
         raise ValueError(f"{where}: logits are on {logits.device}; the Triton kernel runs on a CUDA GPU "
                          "(or on the CPU when TRITON_INTERPRET=1 was set before importing triton)")
     if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
@@ -129,8 +149,8 @@ def _launch(logits, targets, ignore_index, vocab_size, out, scale=None):
     block, num_warps = _config(n_cols)
     grad = out if out is not None else logits  # unused pointer when WRITE_GRAD is False
     _ce_kernel[(n,)](
-        logits, grad, targets, losses, losses if scale is None else scale, logits.stride(0), grad.stride(0), vocab_size, n_cols, ignore_index,
-        BLOCK=block, WRITE_GRAD=out is not None, HAS_SCALE=scale is not None, num_warps=num_warps,
+        logits, grad, targets, losses, losses if scale is None else scale,  # scale unused without HAS_SCALE
+        logits.stride(0), grad.stride(0), vocab_size, n_cols, ignore_index, BLOCK=block, WRITE_GRAD=out is not None, HAS_SCALE=scale is not None, num_warps=num_warps,
     )
     return losses
 
@@ -173,16 +193,37 @@ def _(logits, targets, ignore_index, vocab_size, compute_grad):
     return loss, dlogits
 
 
+@torch.library.custom_op("gpt2k::cross_entropy_triton_scale_", mutates_args=("dlogits",))
+def _scale_(dlogits: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """dlogits *= grad_output (a 0-d fp32 tensor), in place; reads nothing when grad_output == 1."""
+    n = dlogits.numel()
+    if n:
+        _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](dlogits, grad_output, n, BLOCK=_SCALE_BLOCK, num_warps=4)
+
+
+@_scale_.register_fake
+def _(dlogits, grad_output):
+    return None
+
+
 def _setup_context(ctx, inputs, output):
-    targets = inputs[1]
-    ctx.save_for_backward(output[1], targets)
+    ctx.save_for_backward(output[1])
+    ctx.rows = inputs[0].shape[0]
 
 
 def _backward(ctx, grad_loss, _grad_dlogits):
-    dlogits, targets = ctx.saved_tensors
-    if ctx.needs_input_grad[0] and dlogits.numel() == 0 and targets.numel() > 0:
+    # Eager: scale the saved dlogits in place and hand them on: no second N x V buffer, and no pass
+    # over it at all when grad_output is 1. The price: one backward per forward; a second one
+    # (retain_graph=True) fails autograd's saved-tensor version check instead of scaling twice.
+    # Traced (torch.compile / AOTAutograd: tensor subclasses), out of place: the partitioner cannot
+    # take a backward that mutates a saved forward output.
+    (dlogits,) = ctx.saved_tensors
+    if dlogits.numel() == 0 and ctx.rows > 0:
         raise RuntimeError("cross_entropy: backward needs the forward to run with compute_grad=True")
-    return dlogits * grad_loss, None, None, None, None
+    if type(dlogits) is not torch.Tensor:
+        return dlogits * grad_loss, None, None, None, None
+    _scale_(dlogits, grad_loss.float().contiguous())
+    return dlogits, None, None, None, None
 
 
 _cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
@@ -213,6 +254,10 @@ def compile_specs():
     aligned = ("in_ptr", "out_ptr", "target_ptr", "loss_ptr", "stride_in", "stride_out", "n_cols")
     variants = [("fwd+grad/count (cross_entropy op)", True, True), ("fwd+grad in place (fused_ce_)", True, False),
                 ("loss only (no grad)", False, False)]
-    return [AotSpec(f"cross_entropy {label} bf16 V=50304 BLOCK={block}", _ce_kernel, sig,
-                    {"BLOCK": block, "WRITE_GRAD": grad, "HAS_SCALE": scale}, aligned=aligned, num_warps=num_warps)
-            for label, grad, scale in variants]
+    specs = [AotSpec(f"cross_entropy {label} bf16 V=50304 BLOCK={block}", _ce_kernel, sig,
+                     {"BLOCK": block, "WRITE_GRAD": grad, "HAS_SCALE": scale}, aligned=aligned, num_warps=num_warps)
+             for label, grad, scale in variants]
+    scale_sig = {"ptr": "*bf16", "scale_ptr": "*fp32", "numel": "i32", "BLOCK": "constexpr"}
+    specs.append(AotSpec(f"cross_entropy backward scale bf16 BLOCK={_SCALE_BLOCK}", _scale_kernel, scale_sig,
+                         {"BLOCK": _SCALE_BLOCK}, aligned=("ptr", "numel"), num_warps=4))
+    return specs

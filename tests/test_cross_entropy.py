@@ -162,6 +162,17 @@ def test_grad_output_and_no_grad(device):
     check(strided, targets)
 
 
+def test_second_backward_is_an_error(device):
+    """backward scales the saved dlogits in place, so retain_graph + a second backward must not
+    silently return a twice-scaled gradient."""
+    logits, targets = make(4, 12, 12, torch.float32, device)
+    x = logits.requires_grad_()
+    loss = ce.cross_entropy(x, targets) * 3.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_ce_contract(dtype, device):
     """fused_ce_: sum of losses, logits overwritten by the UNSCALED softmax - onehot; 0 on padding."""
@@ -189,6 +200,10 @@ def test_opcheck(compute_grad, device):
     logits, targets = make(5, 24, 20, torch.float32, device)
     logits.requires_grad_(compute_grad)
     torch.library.opcheck(torch.ops.gpt2k.cross_entropy_triton.default, (logits, targets, -1, 20, compute_grad))
+    grad_buffer = torch.randn(5, 24, device=device)
+    for g in (1.0, -0.5):
+        torch.library.opcheck(torch.ops.gpt2k.cross_entropy_triton_scale_.default,
+                              (grad_buffer, torch.tensor(g, device=device)))
 
 
 def test_torch_compile(device):

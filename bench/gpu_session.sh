@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine: install, GPU tests, kernel timings, end-to-end runs.
+#   OUT=/dir bash bench/gpu_session.sh "tests bench e2e"   (any subset, in that order)
+# Data travels in .gpu/ (git-ignored): tiktoken_cache/, corpus/tinyshakespeare.txt, hellaswag/.
+# Logs and results go to $OUT/run/ and come back as one tarball plus the log tails.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+STEPS=${1:-"tests bench e2e"}
+R=$OUT/run; mkdir -p "$R"
+export PYTHONUNBUFFERED=1 MAX_JOBS=16
+if [ -d .gpu ]; then export TIKTOKEN_CACHE_DIR=$PWD/.gpu/tiktoken_cache GPT2_DATA_CACHE=$PWD/.gpu; fi
+pip install --no-deps --no-build-isolation -e . > "$R/install.log" 2>&1 || { tail "$R/install.log"; exit 1; }
+{ nvidia-smi; python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)"; python -m kernels; } > "$R/env.txt" 2>&1
+cat "$R/env.txt" | head -30
+for step in $STEPS; do
+  case $step in
+    tests) timeout ${TESTS_TIMEOUT:-300} pytest tests -q -rs --durations=20 -p no:cacheprovider > "$R/pytest.log" 2>&1
+           echo "pytest rc=$?"; tail -40 "$R/pytest.log" ;;
+    bench) timeout ${BENCH_TIMEOUT:-300} python bench/run.py --out "$R" ${BENCH_ARGS:-} > "$R/bench.log" 2>&1
+           echo "bench rc=$?"; tail -60 "$R/bench.log" ;;
+    e2e)   timeout ${E2E_TIMEOUT:-300} python bench/run.py --e2e --out "$R" ${E2E_ARGS:-} > "$R/e2e.log" 2>&1
+           echo "e2e rc=$?"; tail -40 "$R/e2e.log" ;;
+  esac
+done
+tar czf "$OUT/run.tgz" -C "$OUT" run

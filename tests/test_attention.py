@@ -60,6 +60,19 @@ def test_matches_float64(T, D, dtype, device):
     check_against_float64(*inputs(1, 2, T, D, dtype, device))
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU autotunes over its own configs")
+@pytest.mark.parametrize("tiles", [
+    {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)},  # square tiles, as the GPU's 64x64 configs
+    {"fwd": (64, 16), "dkdv": (16, 64), "dq": (64, 16)},  # ratio 4, as the GPU's 128x32 / 32x128 configs
+], ids=["square", "ratio4"])
+def test_tile_shapes(tiles, monkeypatch, device):
+    """The diagonal stage with 1 and 4 steps per tile (the default interpreter config has 2)."""
+    import kernels.attention as mod
+
+    monkeypatch.setattr(mod, "_INTERPRETER_CONFIG", tiles)
+    check_against_float64(*inputs(1, 2, 91, 32, torch.float16, device))
+
+
 @requires_cuda
 @pytest.mark.parametrize("T", [1, 100, 1024, 4096])
 def test_bf16_gpu(T, device):

@@ -15,6 +15,14 @@ Loss path: by default the full logits are built and `ops.cross_entropy` reduces 
 spec names `linear_cross_entropy` (e.g. "triton,linear_cross_entropy=cuda"), training calls
 `ops.linear_cross_entropy(hidden, wte, targets)`, which never holds the full (B*T, V) logits, and
 forward returns (None, loss).
+
+Generation (`model.generate`, `model.generate_stream`): a KV cache keeps every layer's keys and
+values, so each new token costs one position. The cached path reuses `ops.layer_norm` and
+`ops.gelu`, but attention goes through torch's SDPA with an explicit offset causal mask (a query at
+absolute position p sees keys 0..p; SDPA's `is_causal` aligns the mask top-left, which is wrong when
+the queries start at an offset). Training never touches that path: `forward` is unchanged and its
+attention is `ops.attention`. Generation stops at block_size with a clear error (no sliding window:
+the learned position embeddings would make a window re-encode the whole prefix every step).
 """
 import json
 import math
@@ -100,6 +108,22 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
+    def forward_cached(self, x, cache, layer):
+        """x (B, T, C) holds positions [cache.pos, cache.pos + T); their k, v are written to the cache."""
+        B, T, C = x.shape
+        pos = cache.pos
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        keys, values = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
+        mask = None  # one query at the newest position sees every cached key
+        if T > 1:  # query i sits at absolute position pos + i and sees keys 0 .. pos + i
+            mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.c_proj(y)
+
 
 class MLP(nn.Module):
     def __init__(self, config, ops):
@@ -125,6 +149,65 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         x = x + self.mlp(self.ln_2(x))
         return x
+
+    def forward_cached(self, x, cache, layer):
+        x = x + self.attn.forward_cached(self.ln_1(x), cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, pos) of a batch, preallocated to block_size.
+
+    Buffers are allocated on the first write, in the dtype the keys come in (bf16 under autocast).
+    """
+
+    def __init__(self, config, batch_size):
+        self.n_layer, self.block_size, self.batch_size = config.n_layer, config.block_size, batch_size
+        self.k = [None] * config.n_layer  # each (B, nh, block_size, hs)
+        self.v = [None] * config.n_layer
+        self.pos = 0  # positions already in the cache
+
+    def update(self, layer, k, v):
+        B, nh, T, hs = k.shape
+        end = self.pos + T
+        if end > self.block_size:
+            raise ValueError(f"KV cache full: position {end} exceeds block_size {self.block_size}")
+        if self.k[layer] is None:
+            self.k[layer] = k.new_empty(B, nh, self.block_size, hs)
+            self.v[layer] = v.new_empty(B, nh, self.block_size, hs)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) of real vocab ids only -> next ids (B,). temperature 0 is greedy (argmax).
+
+    top_k keeps the k largest logits; top_p keeps the smallest set of ids, in decreasing
+    probability, whose total probability reaches top_p (the most likely id is always kept).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this id already reaches top_p
+        drop = torch.zeros_like(drop).scatter(-1, order, drop)  # back to vocab order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 class GPT(nn.Module):
@@ -188,6 +271,66 @@ class GPT(nn.Module):
         if targets is not None:
             loss = self.ops.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index, V)
         return logits[..., :V], loss
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache):
+        """idx (B, T): the tokens at positions [cache.pos, cache.pos + T). Returns the logits of the
+        last position, (B, vocab_size), and advances the cache."""
+        B, T = idx.shape
+        pos = torch.arange(cache.pos, cache.pos + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for layer, block in enumerate(self.transformer.h):
+            x = block.forward_cached(x, cache, layer)
+        cache.pos += T
+        x = self.transformer.ln_f(x[:, -1:, :])
+        return self.lm_head(x)[:, -1, : self.config.vocab_size]  # padded ids are never candidates
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos=None,
+                        use_cache=True, generator=None):
+        """Yield the next token ids (B,) one step at a time; see `generate`."""
+        B, T = idx.shape
+        if T < 1:
+            raise ValueError("generate needs a prompt of at least one token (GPT-2 starts from <|endoftext|>)")
+        if T + max_new_tokens > self.config.block_size:
+            raise ValueError(
+                f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) = {T + max_new_tokens} exceeds "
+                f"block_size {self.config.block_size}; generation stops at block_size (no sliding window)")
+        cache = KVCache(self.config, B) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        step_input = idx
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = self.forward_cached(step_input, cache)
+            else:
+                logits = self(idx)[0][:, -1, :]  # the whole prefix again, through the training path
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)  # finished rows repeat eos
+                done |= nxt == eos
+            yield nxt
+            step_input = nxt[:, None]
+            if not use_cache:
+                idx = torch.cat([idx, step_input], dim=1)
+            if eos is not None and bool(done.all()):
+                return
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos=None,
+                 use_cache=True, generator=None):
+        """idx (B, T) prompt ids -> (B, T + n) with n <= max_new_tokens new ids sampled after it.
+
+        temperature=0 is greedy; top_k / top_p filter before sampling (see `sample_next`). With eos,
+        a row that produced eos repeats it, and generation ends early once every row has. use_cache
+        runs one position per step through the KV cache; use_cache=False re-runs the whole prefix
+        through `forward` (the check that the cache is exact). `generator` (a torch.Generator on the
+        model's device) makes sampling reproducible. Raises ValueError if T + max_new_tokens exceeds
+        block_size.
+        """
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, eos, use_cache, generator))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
 
     # ---- Hugging Face checkpoints ---------------------------------------------------------------
 

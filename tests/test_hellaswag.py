@@ -1,0 +1,155 @@
+"""HellaSwag: our batched, padded scoring against a plain one-example-at-a-time implementation that
+runs the transformers model directly, on the first real examples of the offline validation set."""
+import json
+import os
+
+import pytest
+import torch
+
+from gpt2 import hellaswag
+from gpt2.model import GPT
+
+N = 50  # examples from the real file
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These models are tiny: with 2+ threads on a busy CI box, thread hand-offs cost more than the math."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_path():
+    path = os.path.join(os.environ.get("GPT2_DATA_CACHE", ""), "hellaswag", "hellaswag_val.jsonl")
+    if not os.path.isfile(path):
+        pytest.skip(f"offline HellaSwag copy not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small random GPT-2 with the real 50257-token vocab, float64 so that near-ties cannot flip."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    # a wide init spreads the endings' scores far apart compared with rounding
+    cfg = transformers.GPT2Config(n_positions=128, n_embd=16, n_layer=2, n_head=2, initializer_range=0.2)
+    hf = transformers.GPT2LMHeadModel(cfg).double().eval()
+    path = tmp_path_factory.mktemp("hf_hellaswag")
+    hf.save_pretrained(path)
+    return str(path), hf
+
+
+@pytest.fixture(scope="module")
+def ours(hf_dir):
+    return GPT.from_pretrained(hf_dir[0]).double().eval()
+
+
+def plain_scores(hf, path, n):
+    """The straightforward version: one example, one ending, one forward pass at a time."""
+    import tiktoken
+
+    enc = tiktoken.get_encoding("gpt2")
+    sums, correct = [], [0, 0, 0]
+    with open(path) as f:
+        lines = [json.loads(next(f)) for _ in range(n)]
+    for ex in lines:
+        ctx = enc.encode(ex["ctx"])
+        scores = []
+        for ending in ex["endings"]:
+            end = enc.encode(" " + ending)
+            with torch.no_grad():  # the lm_head only where the ending's tokens are predicted: cheap
+                hidden = hf.transformer(torch.tensor([ctx + end])).last_hidden_state[0]
+                logits = hf.lm_head(hidden[len(ctx) - 1: len(ctx) - 1 + len(end)])
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            total = sum(logp[i, tok].item() for i, tok in enumerate(end))
+            scores.append((total, total / len(end), total / len(ending)))
+        sums.append([s[0] for s in scores])
+        for m in range(3):
+            best = max(range(4), key=lambda j: (scores[j][m], -j))  # first of equal maxima
+            correct[m] += best == ex["label"]
+    return torch.tensor(sums, dtype=torch.float64), correct
+
+
+@pytest.fixture(scope="module")
+def plain(hf_dir, data_path):
+    return plain_scores(hf_dir[1], data_path, N)
+
+
+def test_matches_plain_implementation(ours, plain, data_path, monkeypatch):
+    sums_ref, correct = plain
+    seen = []  # spy on the per-ending scores behind evaluate's counts (one pass, not two)
+    scores = hellaswag.ending_scores
+    monkeypatch.setattr(hellaswag, "ending_scores", lambda *a, **k: seen.append(scores(*a, **k)) or seen[-1])
+    result = hellaswag.evaluate(ours, data_path, limit=N, batch_size=8)
+    assert result == dict(n=N, acc=correct[0] / N, acc_norm=correct[1] / N, acc_norm_char=correct[2] / N)
+    sums, n_tok, n_char = seen[0]
+    assert sums.shape == (N, 4)
+    assert torch.allclose(sums, sums_ref, rtol=1e-10, atol=1e-10), (sums - sums_ref).abs().max()
+    # the three metrics are different rankings: a mix-up of normalizations shows up
+    preds = hellaswag.predictions(sums, n_tok, n_char)
+    assert not torch.equal(preds[0], preds[1]) and not torch.equal(preds[1], preds[2])
+
+
+def test_batch_size_and_rank_split_do_not_change_numbers(ours, data_path):
+    n = 13
+    one = hellaswag.evaluate(ours, data_path, limit=n, batch_size=1)
+    many = hellaswag.evaluate(ours, data_path, limit=n, batch_size=5)  # the last batch is partial
+    assert one == many and one["n"] == n
+    # two "ranks" without torch.distributed: each scores its share; the counts add up to the whole
+    halves = [hellaswag.evaluate(ours, data_path, limit=n, batch_size=4, rank=r, world_size=2) for r in (0, 1)]
+    assert [h["n"] for h in halves] == [7, 6]
+    for key in ("acc", "acc_norm", "acc_norm_char"):
+        assert round(sum(h[key] * h["n"] for h in halves)) == round(one[key] * n)
+
+
+def test_fixed_padded_shape(ours, data_path):
+    examples = hellaswag.tokenized_examples(data_path, N)
+    T = hellaswag.pad_length(examples, ours.config.block_size)
+    assert T % hellaswag.PAD_MULTIPLE == 0 and T >= max(len(c) + len(e) for c, ends, _, _ in examples for e in ends)
+    shapes = []
+    handle = ours.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        hellaswag.ending_scores(ours, examples[:5], batch_size=2)
+    finally:
+        handle.remove()
+    assert shapes == [(8, hellaswag.pad_length(examples[:5], 128))] * 3  # the last batch padded to 2 examples
+
+
+def test_long_context_loses_leftmost_tokens():
+    ex = [(list(range(100, 200)), [[1, 2, 3]] * 4, [3, 5, 7, 9], 0)]
+    tokens, targets, n_tok, n_char = hellaswag.build_batch(ex, T=16, rows=4)
+    assert tokens[0].tolist() == list(range(187, 200)) + [1, 2, 3]
+    assert targets[0].tolist() == [-1] * 12 + [1, 2, 3, -1]
+    assert n_tok.tolist() == [3] * 4 and n_char.tolist() == [3, 5, 7, 9]
+    with pytest.raises(ValueError, match="does not fit"):
+        hellaswag.build_batch([([5], [[1] * 16] * 4, [1] * 4, 0)], T=16, rows=4)
+
+
+GOOD = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", "bad JSON"),
+    (json.dumps(dict(GOOD, endings=["a", "b", "c"])), "'endings' must be a list of 4 non-empty strings"),
+    (json.dumps(dict(GOOD, label=4)), "'label' must be 0, 1, 2 or 3, got 4"),
+    (json.dumps(dict(GOOD, label=None)), "'label' must be"),
+    (json.dumps(dict(GOOD, ctx=3)), "'ctx' must be a string"),
+    ("[1, 2]", "expected a JSON object"),
+])
+def test_malformed_line_names_line_number(tmp_path, bad, message):
+    path = tmp_path / "hs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + bad + "\n" + json.dumps(GOOD) + "\n")
+    with pytest.raises(ValueError, match=f"hs.jsonl:3: {message}"):
+        hellaswag.read_examples(str(path))
+    assert len(hellaswag.read_examples(str(path), limit=1)) == 1  # a limit stops before the bad line
+
+
+def test_cli_json(hf_dir, data_path, capsys):
+    result = hellaswag.main(["--model", hf_dir[0], "--data", data_path, "--limit", "6", "--batch-size", "4", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == result and set(printed) == {"n", "acc", "acc_norm", "acc_norm_char"} and printed["n"] == 6
+    with pytest.raises(FileNotFoundError, match="no such HellaSwag file"):
+        hellaswag.evaluate(None, data_path=str(data_path) + ".missing")

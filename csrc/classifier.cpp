@@ -43,6 +43,7 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& targets, int64_t v
   TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == logits.size(0), op, ": targets must have shape (",
                     logits.size(0), ",), got ", targets.sizes());
   TORCH_CHECK_VALUE(targets.scalar_type() == at::kLong, op, ": targets must be int64, got ", targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.is_contiguous(), op, ": targets must be contiguous");
   TORCH_CHECK_VALUE(targets.device() == logits.device(), op, ": targets on ", targets.device(), " but logits on ",
                     logits.device());
   TORCH_CHECK_VALUE(vocab_size >= 1 && vocab_size <= logits.size(1), op, ": vocab_size ", vocab_size,

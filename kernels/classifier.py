@@ -75,8 +75,11 @@ def unavailable_reason():
     """None when the extension can be built (or is loaded) here, else why not (what to install)."""
     if _state["ops"] is not None:
         return None
-    if _state["error"]:
-        return _state["error"]
+    return _state["error"] or toolchain_reason()
+
+
+def toolchain_reason():
+    """None when a C++ compiler and ninja are found (and nvcc, if a GPU is visible), else what to install."""
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return (f"no C++ compiler found (looked for {cxx!r}): install one, e.g. `apt install g++` on "
@@ -212,7 +215,8 @@ def cross_entropy(logits, targets, ignore_index=-1, vocab_size=None):
     if not x.is_contiguous():
         x = x.contiguous()
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, _ = torch.ops.gpt2k_cuda.cross_entropy_fwd(x, targets.reshape(-1), ignore_index, vocab_size, compute_grad, CHECK_ROWS)
+    t = targets.reshape(-1).contiguous()
+    loss, _ = torch.ops.gpt2k_cuda.cross_entropy_fwd(x, t, ignore_index, vocab_size, compute_grad, CHECK_ROWS)
     return loss
 
 

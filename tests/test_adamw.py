@@ -250,6 +250,10 @@ def test_bad_tensors_raise():
         AdamW([torch.zeros(3, dtype=torch.float64, requires_grad=True)])
     with pytest.raises(NotImplementedError, match="amsgrad"):
         AdamW([{"params": [torch.zeros(3, requires_grad=True)], "amsgrad": True}])
+    opt = AdamW([torch.zeros(3, requires_grad=True)])
+    with pytest.raises(ValueError, match="betas"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "betas": (0.9, 1.5)})
+    assert len(opt.param_groups) == 1  # a rejected group is not left behind
     p = torch.zeros(4, 6).t().requires_grad_()  # not contiguous
     p.grad = torch.zeros_like(p)
     with pytest.raises(ValueError, match="contiguous"):

@@ -9,12 +9,12 @@ STEPS=${1:-"tests bench e2e"}
 R=$OUT/run; mkdir -p "$R"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16
 if [ -d .gpu ]; then export TIKTOKEN_CACHE_DIR=$PWD/.gpu/tiktoken_cache GPT2_DATA_CACHE=$PWD/.gpu; fi
-pip install --no-deps --no-build-isolation -e . > "$R/install.log" 2>&1 || { tail "$R/install.log"; exit 1; }
+python -m pip install --no-deps --no-build-isolation -e . > "$R/install.log" 2>&1 || { tail "$R/install.log"; exit 1; }
 { nvidia-smi; python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda)"; python -m kernels; } > "$R/env.txt" 2>&1
 cat "$R/env.txt" | head -30
 for step in $STEPS; do
   case $step in
-    tests) timeout ${TESTS_TIMEOUT:-300} pytest tests -q -rs --durations=20 -p no:cacheprovider > "$R/pytest.log" 2>&1
+    tests) timeout ${TESTS_TIMEOUT:-300} python -m pytest tests -q -rs --durations=20 -p no:cacheprovider > "$R/pytest.log" 2>&1
            echo "pytest rc=$?"; tail -40 "$R/pytest.log" ;;
     bench) timeout ${BENCH_TIMEOUT:-300} python bench/run.py --out "$R" ${BENCH_ARGS:-} > "$R/bench.log" 2>&1
            echo "bench rc=$?"; tail -60 "$R/bench.log" ;;

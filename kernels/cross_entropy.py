@@ -150,7 +150,8 @@ def _launch(logits, targets, ignore_index, vocab_size, out, scale=None):
     grad = out if out is not None else logits  # unused pointer when WRITE_GRAD is False
     _ce_kernel[(n,)](
         logits, grad, targets, losses, losses if scale is None else scale,  # scale unused without HAS_SCALE
-        logits.stride(0), grad.stride(0), vocab_size, n_cols, ignore_index, BLOCK=block, WRITE_GRAD=out is not None, HAS_SCALE=scale is not None, num_warps=num_warps,
+        logits.stride(0), grad.stride(0), vocab_size, n_cols, ignore_index,
+        BLOCK=block, WRITE_GRAD=out is not None, HAS_SCALE=scale is not None, num_warps=num_warps,
     )
     return losses
 

@@ -9,16 +9,23 @@ For each chunk of rows, in the forward pass:
     dh_c   = dlogits @ W                   (M, C)
     dW    += dlogits^T @ h_c               (V, C)  accumulated in fp32 across chunks
 
-and backward only scales the stored dh, dW by grad_output / count. Memory: one chunk of logits
-(default <= 256 MiB) + dW in fp32 + dh, instead of the N x V logits, their fp32 copy, the
-log-softmax and its gradient (several GB at N=16384). FLOPs: the same three GEMMs as unfused.
+and backward only scales the stored dh, dW by grad_output / count.
+
+Memory: one chunk of logits (default <= 256 MiB) + dW in fp32 + dh, instead of the N x V logits,
+their fp32 copy, the log-softmax and its gradient (several GB at N=16384). FLOPs: the same three
+GEMMs as unfused. Without any gradient wanted (eval) the GEMMs for dh and dW are skipped, but the
+fused kernel still writes dlogits over its chunk (the shared fused_ce_ contract).
+
+Invalid rows (real logits all -inf, NaN, a target outside [0, V)) give the fused kernel a NaN
+loss; the summed loss is checked once per call (one scalar device-to-host read) and raises.
 
 Precision (autocast): under autocast the matmuls take the autocast dtype (bf16), as F.linear would
 there; without autocast, hidden and weight must have the same dtype and that is used. The logits
-and dlogits are in that dtype (as F.linear's output and its gradient are), every reduction over
-rows is fp32: the loss, and dW across chunks (an fp32 buffer, cuBLAS writes bf16 x bf16 -> fp32
-on CUDA), so chunking adds no bf16 rounding. Gradients come back in hidden's and weight's own
-dtypes (fp32 for the model's fp32 parameters), rounded once at the end.
+and dlogits are in that dtype (as F.linear's output and its gradient are); every reduction over
+rows is fp32: the loss, and dW across chunks (an fp32 buffer that cuBLAS accumulates into through
+torch.addmm(..., out_dtype=float32); a torch without that overload rounds each chunk's product to
+bf16 once before the fp32 sum). Gradients come back in hidden's and weight's own dtypes (fp32 for
+the model's fp32 parameters).
 
 Test:   pytest tests/test_linear_cross_entropy.py
 Bench:  python bench/run.py linear_cross_entropy   (GPU: peak memory and time vs F.linear + loss)
@@ -144,7 +151,8 @@ def chunked_linear_cross_entropy(hidden, weight, targets, ignore_index=-1, vocab
         raise ValueError(f"linear_cross_entropy: hidden (N, C) and weight (V, C) expected, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"linear_cross_entropy: targets must have shape ({hidden.shape[0]},), got {tuple(targets.shape)}")
+        raise ValueError(f"linear_cross_entropy: targets must have shape ({hidden.shape[0]},), "
+                         f"got {tuple(targets.shape)}")
     if weight.device != hidden.device or targets.device != hidden.device:
         raise ValueError(f"linear_cross_entropy: hidden ({hidden.device}), weight ({weight.device}) and targets "
                          f"({targets.device}) must be on one device")

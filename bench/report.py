@@ -92,12 +92,13 @@ def env_line(doc):
 
 
 def markdown(doc):
-    out = [f"### Kernel timings: {env_line(doc)}"]
+    out = [f"### {'Kernel timings' if doc.get('rows') else 'Results'}: {env_line(doc)}"]
     lim = doc.get("limits")
     if lim:
         out.append(f"Measured limits: copy {lim['copy_gbps']:.0f} GB/s, bf16 matmul {lim['matmul_tflops']:.0f} TFLOP/s. "
                    "% = achieved GB/s (memory-bound) or TFLOP/s (compute-bound) of that limit, against the op's "
-                   "ideal bytes / FLOPs. ms: median [p20, p80].")
+                   "ideal bytes / FLOPs. ms: median [p20, p80]. The fused losses (cross_entropy, "
+                   "linear_cross_entropy) compute their gradient in the forward: compare them on fwd+bwd.")
     groups = {}
     for r in doc.get("rows", []):
         groups.setdefault((r["op"], r["variant"]), []).append(r)

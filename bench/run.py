@@ -9,7 +9,8 @@
 
 GPU mode: the same run first measures the card's copy bandwidth and bf16 matmul throughput, then times
 each op's fwd / bwd / fwd+bwd for every provider with triton.testing.do_bench (CUDA events, L2 flushed
-between repetitions, compile and autotune excluded by a warm-up call): median with p20/p80. Each row
+between repetitions, compile and autotune excluded by a warm-up call): median with p20/p80 (bwd: the
+same method in `bench_backward`, a fresh untimed forward before each timed backward). Each row
 relates the time to the op's ideal bytes (GB/s) or FLOPs (TFLOP/s) and to the measured limit. A
 provider that cannot run is listed with its reason. Results: <out>/<date>_<gpu>_<kind>.json plus PNG
 plots (default out: bench/results/) and a markdown table on the console.
@@ -140,21 +141,19 @@ def time_row(b, mode, fn, rep):
         (params,) = args
         opt = fn(specs.adamw_groups(params), lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
         opt.step()  # allocates the state; compiles / autotunes
-        run, grad_to_none = opt.step, None
+        run = opt.step
     else:
         out = fn(*args, **kwargs)  # warm-up: compile and autotune happen here, untimed
         dy = torch.randn_like(out) if out.numel() > 1 else None
-        if mode == "fwd":
-            def run():
-                return fn(*args, **kwargs)
-        elif mode == "bwd":
-            def run():
-                out.backward(dy, retain_graph=True)
-        else:
-            def run():
-                fn(*args, **kwargs).backward(dy)
-        run()
-        grad_to_none = leaves
+        out.backward(dy)
+
+        def forward():
+            return fn(*args, **kwargs)
+
+        def run():
+            if mode == "fwd":
+                return forward()
+            forward().backward(dy)
     for t in leaves:
         t.grad = None
     torch.cuda.synchronize()
@@ -163,8 +162,43 @@ def time_row(b, mode, fn, rep):
     run()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    ms, p20, p80 = do_bench(run, warmup=25, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    if mode == "bwd":
+        return (*bench_backward(forward, dy, leaves, rep), peak)
+    ms, p20, p80 = do_bench(run, warmup=25, rep=rep, grad_to_none=leaves or None, quantiles=[0.5, 0.2, 0.8])
     return ms, p20, p80, peak
+
+
+def bench_backward(forward, dy, leaves, rep, warmup=25):
+    """do_bench for a backward alone: each repetition runs a fresh forward (untimed), flushes L2, and
+    times `backward` between CUDA events. Calling backward again on one graph (retain_graph) is not
+    an option: a fused loss scales the gradient it saved in place, so its graph runs backward once."""
+    import torch
+
+    cache = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device="cuda")  # as triton.testing: flush L2
+
+    def once(start, end):
+        out = forward()
+        for t in leaves:
+            t.grad = None
+        cache.zero_()
+        start.record()
+        out.backward(dy)
+        end.record()
+
+    events = lambda n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]  # noqa: E731
+    probe = events(5)
+    for s, e in probe:
+        once(s, e)
+    torch.cuda.synchronize()
+    estimate = max(1e-3, sum(s.elapsed_time(e) for s, e in probe) / 5)
+    for s, e in events(max(1, int(warmup / estimate))):
+        once(s, e)
+    timed = events(max(1, int(rep / estimate)))
+    for s, e in timed:
+        once(s, e)
+    torch.cuda.synchronize()
+    times = torch.tensor([s.elapsed_time(e) for s, e in timed], dtype=torch.float64)
+    return [torch.quantile(times, q).item() for q in (0.5, 0.2, 0.8)]
 
 
 def run_gpu(args):
@@ -267,6 +301,8 @@ def run_e2e(args):
     rows = []
     for name, spec, compiled in e2e_configs():
         if args.e2e_filter and not re.search(args.e2e_filter, name):
+            continue
+        if args.quick and (compiled or name not in ("torch", "triton", "triton,cross_entropy=cuda")):
             continue
         row = {"name": name, "spec": spec, "compile": compiled}
         try:
@@ -460,7 +496,7 @@ def _cuda_rows():
         report_fn = getattr(cls, "ptxas_report", None)
         if report_fn is None:
             return [{"module": "kernels.classifier", "status": "missing", "reason": "kernels.classifier has no ptxas_report()"}]
-        if cls._nvcc() is None:
+        if cls.cuda_home() is None:
             return [{"module": "kernels.classifier", "status": "missing", "reason": "no nvcc: the CUDA toolkit is not installed"}]
         rows = report_fn()
     except Exception as e:
@@ -558,7 +594,7 @@ def parse_args(argv):
     a = p.add_argument
     a("ops", nargs="*", help=f"ops to time (default all): {', '.join(sorted({b.op for b in specs.BENCHES}))}")
     a("--ops", dest="ops_opt", default=None, help="comma-separated ops (same as the positional list)")
-    a("--quick", action="store_true", help="one shape per op, shorter repetitions")
+    a("--quick", action="store_true", help="one shape per op, shorter repetitions; with --e2e: the three eager headline runs")
     a("--rep", type=int, default=None, help="do_bench repetition time in ms (default 100, --quick 50)")
     a("--out", default=None, help="results folder (default bench/results/ for GPU runs; static/cpu write only with --out)")
     a("--static", action="store_true", help="no GPU needed: AOT compile report, IO audit, floors; exit 1 on spills")

@@ -9,6 +9,11 @@ Ideal bytes: every input read once and every output written once, at the dtypes 
 `(N,)` mean/rstd a LayerNorm saves for backward is an implementation choice, not counted). FLOPs:
 2 per multiply-add of the matmuls only; causal attention does half the (T, T) work and its
 backward counts as 2.5x the forward (5 matmuls, one a recompute, as FlashAttention counts it).
+
+Modes: "fwd" runs with autograd on (as in training), "bwd" is the backward alone, "fwd+bwd" both. Our
+fused losses (cross_entropy, linear_cross_entropy) compute the gradient inside the forward when one
+is needed, so their "bwd" is almost free and their "fwd" does the backward's work: compare those ops
+on fwd+bwd.
 """
 from dataclasses import dataclass, field
 

@@ -13,9 +13,11 @@ Floor (N rows of C; s = bytes per element of x, sw of w and b)
   forward   read x, w, b; write y, mean, rstd      2*N*C*s + 2*C*sw + 8*N
   backward  read dy, x, w, mean, rstd; write dx, dw, db   3*N*C*s + 8*N + 3*C*sw
   At 16384 x 768 bf16: fwd 50.4 MB, bwd 75.6 MB.
-Total / floor: w and b are re-read by every program (from L1/L2, DRAM sees them about once). The backward
-also writes and re-reads the (P, C) fp32 partial buffers, P = 4 x SMs (528 on an H100): 2 x 2 x P x C x 4
-bytes = 6.5 MB at C = 768, about 9% over the floor if none of it stayed in L2 (most of it does).
+Total / floor: every forward program re-reads w and b (4 rows per program at C = 768: total/floor ~1.5
+counting every load, but they hit L1/L2 and DRAM sees them about once). mean and rstd are 8 bytes per row
+(0.5% of the floor at C = 768). The backward reads w once per program, and writes and re-reads the (P, C)
+fp32 partial buffers, P = 4 x SMs (528 on an H100): 2 x 2 x P x C x 4 bytes = 6.5 MB at C = 768, at most 9%
+over the floor if none of it stayed in L2 (most of it does). Unique bytes in `python -m bench.io_audit`.
 
 Test: pytest tests/test_layernorm.py (interpreter on CPU, real kernel on a GPU).
 Benchmark: python bench/run.py (layer_norm); static report: compile_specs() via kernels/_triton_utils.py.
@@ -29,7 +31,7 @@ import triton.language as tl
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_C = 16384  # one row (C columns) is held in registers; beyond this it would spill
+MAX_C = 16384  # whole rows live in registers; wider rows would need a looped kernel (GPT-2 XL has C = 1600)
 
 
 @triton.jit
@@ -155,6 +157,17 @@ def _check(x, weight, bias):
             raise ValueError(f"layer_norm (triton): {name} has shape {tuple(t.shape)}, expected ({C},) to match x's last dim")
 
 
+def _check_bwd(dy, x, weight, mean, rstd):
+    _check(x, weight, weight)
+    if dy.shape != x.shape or dy.dtype not in DTYPES:
+        raise ValueError(f"layer_norm_bwd (triton): dy {tuple(dy.shape)} {dy.dtype} must have x's shape "
+                         f"{tuple(x.shape)} and a dtype in float32, bfloat16, float16")
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t.shape != x.shape[:-1] or t.dtype != torch.float32:
+            raise ValueError(f"layer_norm_bwd (triton): {name} {tuple(t.shape)} {t.dtype} must be float32 of "
+                             f"shape {tuple(x.shape[:-1])} (as layer_norm_fwd returns it)")
+
+
 def _rows(t):
     """(..., C) -> a (N, C) view (or copy) whose columns are contiguous; rows may be strided."""
     t2 = t.reshape(-1, t.shape[-1])
@@ -196,30 +209,31 @@ def _(x, weight, bias, eps):
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx in x's dtype, contiguous; dweight fp32 (C,); dbias fp32 (C,))."""
-    _check(x, weight, weight)
+    _check_bwd(dy, x, weight, mean, rstd)
     _check_device(dy, x, weight, mean, rstd)
-    if dy.shape != x.shape or dy.dtype not in DTYPES:
-        raise ValueError(f"layer_norm_bwd (triton): dy {tuple(dy.shape)} {dy.dtype} must match x {tuple(x.shape)} in a supported float dtype")
     C = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     x2, dy2 = _rows(x), _rows(dy)
     N = x2.shape[0]
+    if N == 0:
+        zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
+        return dx, zeros, zeros.clone()
     block_r, block_c, num_warps = _tile(C, x.device)
     tiles = triton.cdiv(N, block_r)
-    tiles_per_program = max(1, triton.cdiv(tiles, _programs_target(x.device)))
+    tiles_per_program = triton.cdiv(tiles, _programs_target(x.device))
     programs = triton.cdiv(tiles, tiles_per_program)
-    dw_part = torch.zeros((max(programs, 1), C), dtype=torch.float32, device=x.device)
-    db_part = torch.zeros_like(dw_part)
-    if N:
-        _layer_norm_bwd_kernel[(programs,)](
-            dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, dw_part, db_part,
-            dy2.stride(0), x2.stride(0), N, C, tiles_per_program,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+    dw_part = torch.empty((programs, C), dtype=torch.float32, device=x.device)  # each program writes its row
+    db_part = torch.empty_like(dw_part)
+    _layer_norm_bwd_kernel[(programs,)](
+        dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, dw_part, db_part,
+        dy2.stride(0), x2.stride(0), N, C, tiles_per_program,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
 @layer_norm_bwd.register_fake
 def _(dy, x, weight, mean, rstd):
+    _check_bwd(dy, x, weight, mean, rstd)
     C = x.shape[-1]
     return x.new_empty(x.shape), x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
 

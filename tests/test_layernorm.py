@@ -79,6 +79,13 @@ def test_parity_4096_rows(dtype, device):
     check(*_inputs((4096, 768), dtype, device=device))
 
 
+@pytest.mark.parametrize("offset,scale", [(300.0, 1.0), (5.0, 1e-3)])
+def test_large_mean_and_eps_dominated_rows(offset, scale, device):
+    """A large mean (two-pass variance needed) and rows so flat that eps dominates var + eps."""
+    x = offset + scale * torch.randn(5, 768, device=device)
+    check(x, torch.randn(768, device=device), torch.randn(768, device=device))
+
+
 @pytest.mark.parametrize("xdtype", [torch.bfloat16, torch.float16])
 def test_mixed_dtype_fp32_weights(xdtype, device):
     """Autocast case: bf16/fp16 activations, fp32 parameters; y and dx in x's dtype, dw/db in fp32."""
@@ -156,6 +163,15 @@ def test_bad_input_raises(bad, device):
         x, match = torch.tensor(1.0, device=device), "at least one dimension"
     with pytest.raises((TypeError, ValueError), match=match):
         ln.layer_norm(x, w, b)
+
+
+def test_bad_backward_input_raises(device):
+    x, w, b = _inputs((3, 16), torch.float32, device=device)
+    y, mean, rstd = torch.ops.gpt2k.layer_norm_fwd(x, w, b, EPS)
+    with pytest.raises(ValueError, match="must have x's shape"):
+        torch.ops.gpt2k.layer_norm_bwd(y[:2], x, w, mean, rstd)
+    with pytest.raises(ValueError, match="rstd .* must be float32"):
+        torch.ops.gpt2k.layer_norm_bwd(y, x, w, mean, rstd.double())
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: CPU tensors are refused outside the interpreter")

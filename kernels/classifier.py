@@ -242,7 +242,8 @@ def linear_cross_entropy(hidden, weight, targets, ignore_index=-1, vocab_size=No
 def ptxas_report(archs=(80, 90)):
     """Compile csrc/classifier.cu for each sm_<arch> with `nvcc -Xptxas -v` (no GPU needed) and return one
     row per kernel and arch: name, arch, registers, spill_bytes, stack_bytes, shared_bytes, ld128, st128
-    (128-bit global loads / stores in the PTX). Raises RuntimeError if nvcc is missing or fails."""
+    (128-bit global loads / stores in the PTX), plus shared_limit / expect_ld128 for
+    kernels._triton_utils.check_report. Raises RuntimeError if nvcc is missing or fails."""
     nvcc = _nvcc()
     if nvcc is None:
         raise RuntimeError("ptxas_report: no CUDA compiler (nvcc) found; install the CUDA toolkit or set CUDA_HOME")
@@ -266,7 +267,14 @@ def ptxas_report(archs=(80, 90)):
     for r in rows:
         r["ld128"], r["st128"] = counts.get((r["mangled"], r["arch"]), (None, None))
         r["name"] = names.get(r.pop("mangled"))
+        # the keys kernels._triton_utils.check_report reads, so one checker serves both reports
+        r["shared_limit"] = _SHARED_LIMIT.get(r["arch"], 48 * 1024)
+        r["expect_ld128"] = r["name"].endswith((", 4>", ", 8>"))  # the 16-byte-vector instantiations
+        r["module"] = "kernels.classifier"
     return rows
+
+
+_SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}  # opt-in maximum per block, bytes
 
 
 def _parse_ptxas(log):

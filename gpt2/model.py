@@ -279,6 +279,8 @@ class GPT(nn.Module):
         """idx (B, T): the tokens at positions [cache.pos, cache.pos + T). Returns the logits of the
         last position, (B, vocab_size), and advances the cache."""
         B, T = idx.shape
+        if cache.pos + T > self.config.block_size:
+            raise ValueError(f"KV cache full: position {cache.pos + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(cache.pos, cache.pos + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for layer, block in enumerate(self.transformer.h):

@@ -66,11 +66,11 @@ def plain_scores(hf, path, n):
             logp = torch.log_softmax(logits.double(), dim=-1)
             total = sum(logp[i, tok].item() for i, tok in enumerate(end))
             scores.append((total, total / len(end), total / len(ending)))
-        sums.append([s[0] for s in scores])
+        sums.append(scores)
         for m in range(3):
             best = max(range(4), key=lambda j: (scores[j][m], -j))  # first of equal maxima
             correct[m] += best == ex["label"]
-    return torch.tensor(sums, dtype=torch.float64), correct
+    return torch.tensor(sums, dtype=torch.float64), correct  # (N, 4, 3): sum, per token, per char
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,8 @@ def test_matches_plain_implementation(ours, plain, data_path, monkeypatch):
     assert result == dict(n=N, acc=correct[0] / N, acc_norm=correct[1] / N, acc_norm_char=correct[2] / N)
     sums, n_tok, n_char = seen[0]
     assert sums.shape == (N, 4)
-    assert torch.allclose(sums, sums_ref, rtol=1e-10, atol=1e-10), (sums - sums_ref).abs().max()
+    ours_all = torch.stack([sums, sums / n_tok, sums / n_char], dim=-1)
+    assert torch.allclose(ours_all, sums_ref, rtol=1e-10, atol=1e-10), (ours_all - sums_ref).abs().amax(dim=(0, 1))
     # the three metrics are different rankings: a mix-up of normalizations shows up
     preds = hellaswag.predictions(sums, n_tok, n_char)
     assert not torch.equal(preds[0], preds[1]) and not torch.equal(preds[1], preds[2])

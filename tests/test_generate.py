@@ -1,0 +1,213 @@
+"""Generation: the KV cache is exact, greedy equals transformers' greedy, sampling is reproducible and
+never picks a padded vocab id; the loader reads our checkpoints and Hugging Face directories."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from gpt2 import generate as gen
+from gpt2.model import GPT, GPTConfig, KVCache, sample_next
+
+CFG = dict(block_size=48, vocab_size=300, n_layer=2, n_head=4, n_embd=32)  # 300 -> 384 padded
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: with 2+ threads on a busy CI box, thread hand-offs cost more than the math."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_model(seed=0, **kw):
+    """float64 with wide weights: logits far apart compared with rounding, so argmax is stable, and
+    greedy text that does not collapse into one repeated id."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**dict(CFG, **kw))).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".ln_" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+            else:
+                p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+def prompt(B=3, T=5, seed=1):
+    return torch.randint(0, 300, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_cache_logits_match_forward(model):
+    idx = prompt(2, 30)
+    full = model(idx)[0]  # (B, T, V)
+    cache = KVCache(model.config, 2)
+    for a, b in [(0, 7), (7, 8), (8, 20), (20, 21), (21, 30)]:  # prefill, single steps, chunks
+        last = model.forward_cached(idx[:, a:b], cache)
+        assert cache.pos == b
+        assert (last - full[:, b - 1]).abs().max().item() < 1e-10
+    with pytest.raises(ValueError, match="KV cache full: position 49 exceeds block_size 48"):
+        model.forward_cached(prompt(2, 19), cache)
+
+
+def test_greedy_with_and_without_cache(model):
+    idx = prompt()
+    cached = model.generate(idx, 40, temperature=0)
+    assert cached.shape == (3, 45) and torch.equal(cached[:, :5], idx)
+    assert torch.equal(cached, model.generate(idx, 40, temperature=0, use_cache=False))
+    assert all(len(set(row[5:].tolist())) > 8 for row in cached)  # a real sequence, not one repeated id
+
+
+def test_top_k_1_is_greedy(model):
+    idx = prompt()
+    greedy = model.generate(idx, 20, temperature=0)
+    for temperature in (1.0, 0.7):
+        assert torch.equal(model.generate(idx, 20, temperature=temperature, top_k=1), greedy)
+
+
+def test_fixed_seed_same_samples(model):
+    idx = prompt()
+    sample = lambda seed, **kw: model.generate(idx, 30, top_p=0.95, generator=torch.Generator().manual_seed(seed), **kw)  # noqa: E731
+    a = sample(7)
+    assert torch.equal(a, sample(7))
+    assert torch.equal(a, sample(7, use_cache=False))  # the cache changes nothing when sampling either
+    assert not torch.equal(a, sample(8))
+    assert not torch.equal(a, model.generate(idx, 30, temperature=0))
+
+
+def test_never_samples_padded_ids(model):
+    V = model.config.vocab_size
+
+    class Leaky(nn.Module):  # the lm_head with padded columns that would win every draw
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def forward(self, x):
+            out = self.head(x).clone()
+            out[..., V:] = 1e4
+            return out
+
+    head = model.lm_head
+    model.lm_head = Leaky(head)
+    try:
+        assert model.lm_head(torch.zeros(1, 32, dtype=torch.float64)).argmax().item() >= V  # the trap is armed
+        idx = prompt()
+        for use_cache in (True, False):
+            for kw in (dict(temperature=0), dict(temperature=2.0), dict(top_k=50), dict(top_p=0.99)):
+                g = torch.Generator().manual_seed(0)
+                out = model.generate(idx, 12, use_cache=use_cache, generator=g, **kw)
+                assert out.max().item() < V, (use_cache, kw)
+    finally:
+        model.lm_head = head
+
+
+def test_greedy_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  initializer_range=0.5, bos_token_id=0, eos_token_id=0)
+    hf = transformers.GPT2LMHeadModel(cfg).double().eval()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path)).double().eval()
+    idx = prompt(2, 6)
+    expect = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=30, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    got = ours.generate(idx, 30, temperature=0)
+    assert expect.shape == got.shape == (2, 36)
+    assert torch.equal(got, expect)
+    assert all(len(set(row[6:].tolist())) > 8 for row in got)  # not a collapsed, easy-to-match sequence
+
+
+def test_eos_stops_and_repeats():
+    model = random_model()
+    idx = prompt(2, 4)
+    greedy = model.generate(idx, 10, temperature=0)
+    eos = greedy[0, 6].item()  # row 0 produces it at its third new token
+    out = model.generate(idx, 10, temperature=0, eos=eos)
+    assert torch.equal(out[0, :7], greedy[0, :7]) and (out[0, 7:] == eos).all()
+    alone = model.generate(idx[:1], 10, temperature=0, eos=eos)
+    assert alone.shape == (1, 7)  # every row done: generation ends early
+
+
+def test_block_size_is_a_clear_error(model):
+    with pytest.raises(ValueError, match=r"prompt \(5 tokens\) \+ max_new_tokens \(44\) = 49 exceeds block_size 48"):
+        model.generate(prompt(), 44)
+    assert model.generate(prompt(), 43, temperature=0).shape == (3, 48)  # exactly block_size is fine
+
+
+def test_sample_next_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draw = lambda **kw: {sample_next(logits, generator=g, **kw).item() for _ in range(300)}  # noqa: E731
+    assert draw() == {0, 1, 2, 3}
+    assert draw(top_k=2) == {0, 1}
+    assert draw(top_p=0.7) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert draw(top_p=0.5) == {0}
+    assert draw(top_p=0.96) == {0, 1, 2, 3}
+    assert draw(top_k=3, top_p=0.9) == {0, 1, 2}
+    assert sample_next(logits, temperature=0).item() == 0
+    for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            sample_next(logits, **bad)
+
+
+def _save_ckpt(path, model, prefix=""):
+    sd = {prefix + k: v for k, v in model.state_dict().items()}
+    torch.save({"model": sd, "config": model.config.to_dict(), "kernels": "torch", "step": 1}, path)
+
+
+def test_load_model_checkpoints_and_run_dirs(tmp_path):
+    early, late = random_model(seed=1), random_model(seed=2)
+    _save_ckpt(tmp_path / "ckpt_000010.pt", early)
+    _save_ckpt(tmp_path / "ckpt_000200.pt", late, prefix="_orig_mod.")  # a compiled model's state_dict
+    same = lambda a, b: all(torch.equal(x, y.to(x.dtype)) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # noqa: E731
+    assert same(gen.load_model(str(tmp_path / "ckpt_000010.pt")), early)
+    assert same(gen.load_model(str(tmp_path)), late)  # the highest step
+    (tmp_path / "latest").write_text("ckpt_000010.pt\n")
+    assert same(gen.load_model(str(tmp_path)), early)
+    loaded = gen.load_model(str(tmp_path), kernels="torch", device="cpu")
+    assert not loaded.training and loaded.config == early.config
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+        gen.load_model(str(empty))
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a checkpoint of ours"):
+        gen.load_model(str(tmp_path / "other.pt"))
+
+
+class Recorder(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.flushes = 0
+
+    def flush(self):
+        self.flushes += 1
+
+
+def test_cli_streams_greedy_text(tmp_path):
+    model = random_model(vocab_size=50257, n_embd=16)  # the real vocab, so any token decodes
+    _save_ckpt(tmp_path / "ckpt_000001.pt", model.float())
+    out = Recorder()
+    samples = gen.main(["--model", str(tmp_path), "--prompt", "Hello, world", "--max-new-tokens", "8",
+                        "--temperature", "0"], out=out)
+    import tiktoken
+
+    enc = tiktoken.get_encoding("gpt2")
+    idx = torch.tensor([enc.encode("Hello, world")])
+    expect = model.generate(idx, 8, temperature=0, eos=enc.eot_token)[0, idx.shape[1]:].tolist()
+    expect = expect[: expect.index(enc.eot_token)] if enc.eot_token in expect else expect
+    assert samples == [expect]
+    assert out.getvalue().startswith("Hello, world")
+    assert out.getvalue().rstrip("\n") == "Hello, world" + enc.decode(expect)
+    assert out.flushes >= len(expect)  # one write per token: streamed, not printed at the end
+    two = gen.main(["--model", str(tmp_path), "--max-new-tokens", "4", "--num-samples", "2", "--seed", "3"], out=Recorder())
+    assert len(two) == 2 and two == gen.main(["--model", str(tmp_path), "--max-new-tokens", "4", "--num-samples", "2",
+                                              "--seed", "3"], out=Recorder())

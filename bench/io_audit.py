@@ -37,7 +37,8 @@ class Recorder:
         addrs = np.asarray(ptrs.data)
         if mask is not None:
             addrs = addrs[np.broadcast_to(np.asarray(mask.data, dtype=bool), addrs.shape)]
-        size = ptrs.get_element_ty().primitive_bitwidth // 8
+        ty = ptrs.get_element_ty() if hasattr(ptrs, "get_element_ty") else ptrs.dtype.element_ty
+        size = ty.primitive_bitwidth // 8
         where.append((addrs.astype(np.uint64).ravel(), size))
 
     def __enter__(self):

@@ -342,11 +342,13 @@ at::Tensor run_cuda(const at::Tensor& logits, void* grad, const at::Tensor& targ
   auto ws = at::empty({4}, logits.options().dtype(at::kInt));
   auto row_loss = at::empty({n}, f32);
   auto loss = at::empty({}, f32);
-  ce_prep_kernel<<<1, 1024, 0, stream>>>(targets.const_data_ptr<int64_t>(), n, ignore_index, ws.mutable_data_ptr<int>());
+  ce_prep_kernel<<<1, 1024, 0, stream>>>(targets.const_data_ptr<int64_t>(), n, ignore_index,
+                                         ws.mutable_data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   switch (logits.scalar_type()) {
     case at::kFloat:
-      launch_rows<float>(logits, static_cast<float*>(grad), targets, row_loss, ws, ignore_index, vocab_size, mean, stream);
+      launch_rows<float>(logits, static_cast<float*>(grad), targets, row_loss, ws, ignore_index, vocab_size, mean,
+                         stream);
       break;
     case at::kHalf:
       launch_rows<__half>(logits, static_cast<__half*>(grad), targets, row_loss, ws, ignore_index, vocab_size, mean,

@@ -24,6 +24,7 @@ when a GPU is visible (or GPT2K_BUILD_CUDA=1): on a CPU-only machine the extensi
 Test:   pytest tests/test_classifier.py
 Bench:  python bench/run.py cross_entropy        Static: python bench/run.py --static
 """
+import logging
 import os
 import re
 import shutil
@@ -37,7 +38,6 @@ import torch
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = [_CSRC / "classifier.cpp", _CSRC / "classifier.cu"]
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 CHECK_ROWS = True  # raise on invalid rows (costs a sync per call on CUDA); see the module docstring
 
@@ -98,7 +98,13 @@ def _cpp_extension():
     home = cuda_home()
     if home and "CUDA_HOME" not in os.environ:
         os.environ["CUDA_HOME"] = home
-    from torch.utils import cpp_extension
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its import warns "No CUDA runtime is found" on every GPU-less machine
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.setLevel(level)
 
     if home and not _is_toolkit(cpp_extension.CUDA_HOME):  # imported before CUDA_HOME was set
         cpp_extension.CUDA_HOME = home

@@ -33,7 +33,8 @@ from gpt2.model import GPT, GPTConfig
 
 def find_checkpoint(directory):
     """A run directory's newest checkpoint: `latest` (a checkpoint, a link to one, or a text file
-    naming one), else the highest-numbered *.pt. None if there is none."""
+    naming one), else the highest-numbered ckpt_*.pt (our trainer's ckpt_<step>.pt), else *.pt.
+    None if there is none."""
     latest = os.path.join(directory, "latest")
     if os.path.isfile(latest):
         if os.path.getsize(latest) < 4096:  # a small text file naming the checkpoint
@@ -46,7 +47,7 @@ def find_checkpoint(directory):
             if name and "\n" not in name and os.path.isfile(os.path.join(directory, name)):
                 return os.path.join(directory, name)
         return latest
-    found = glob.glob(os.path.join(directory, "*.pt"))
+    found = glob.glob(os.path.join(directory, "ckpt_*.pt")) or glob.glob(os.path.join(directory, "*.pt"))
     if not found:
         return None
     step = lambda p: [int(n) for n in re.findall(r"\d+", os.path.basename(p))] or [-1]  # noqa: E731
@@ -111,6 +112,27 @@ def load_model_from_args(args):
     return model, device, autocast
 
 
+# ---- decode speed ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def decode_tokens_per_sec(model, batch_size, new_tokens=128, prompt_len=16, use_cache=True, autocast=None):
+    """New tokens per second over all rows (top-k 50 sampling, prefill of a random prompt included),
+    after one short warm-up run: the number bench/run.py reports for batch 1 and 16."""
+    import time
+
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(0)
+    idx = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), device=device, generator=g)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with autocast or contextlib.nullcontext():
+        model.generate(idx, 4, top_k=50, use_cache=use_cache, generator=g)
+        sync()
+        t0 = time.perf_counter()
+        out = model.generate(idx, new_tokens, top_k=50, use_cache=use_cache, generator=g)
+        sync()
+    return batch_size * (out.shape[1] - prompt_len) / (time.perf_counter() - t0)
+
+
 # ---- CLI -------------------------------------------------------------------------------------
 
 def main(argv=None, out=None):
@@ -132,6 +154,9 @@ def main(argv=None, out=None):
     enc = tiktoken.get_encoding("gpt2")
     model, device, autocast = load_model_from_args(args)
     prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+    if len(prompt) + args.max_new_tokens > model.config.block_size:
+        p.error(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "
+                f"block_size {model.config.block_size} (generation stops at block_size; no sliding window)")
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     samples = []
@@ -144,15 +169,12 @@ def main(argv=None, out=None):
         with autocast:
             stream = model.generate_stream(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                            eos=enc.eot_token, use_cache=not args.no_cache, generator=generator)
-            try:
-                for nxt in stream:
-                    token = int(nxt[0])
-                    if token == enc.eot_token:
-                        break
-                    ids.append(token)
-                    print(text.decode(enc.decode_single_token_bytes(token)), end="", file=out, flush=True)
-            except ValueError as e:
-                p.error(str(e))
+            for nxt in stream:
+                token = int(nxt[0])
+                if token == enc.eot_token:
+                    break
+                ids.append(token)
+                print(text.decode(enc.decode_single_token_bytes(token)), end="", file=out, flush=True)
         print(text.decode(b"", final=True), file=out, flush=True)
         samples.append(ids)
     return samples

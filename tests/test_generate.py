@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import requires_cuda
 from gpt2 import generate as gen
 from gpt2.model import GPT, GPTConfig, KVCache, sample_next
+from numerics import assert_close
 
 CFG = dict(block_size=48, vocab_size=300, n_layer=2, n_head=4, n_embd=32)  # 300 -> 384 padded
 
@@ -159,8 +161,12 @@ def test_sample_next_filters():
 
 
 def _save_ckpt(path, model, prefix=""):
+    """As gpt2/train.py writes them: weights, config, and Python objects (RNG states) beside them."""
+    import numpy as np
+
     sd = {prefix + k: v for k, v in model.state_dict().items()}
-    torch.save({"model": sd, "config": model.config.to_dict(), "kernels": "torch", "step": 1}, path)
+    torch.save({"model": sd, "config": model.config.to_dict(), "kernels": "torch", "step": 1,
+                "rng": [{"numpy": np.random.get_state()}]}, path)
 
 
 def test_load_model_checkpoints_and_run_dirs(tmp_path):
@@ -170,6 +176,8 @@ def test_load_model_checkpoints_and_run_dirs(tmp_path):
     same = lambda a, b: all(torch.equal(x, y.to(x.dtype)) for x, y in zip(a.state_dict().values(), b.state_dict().values()))  # noqa: E731
     assert same(gen.load_model(str(tmp_path / "ckpt_000010.pt")), early)
     assert same(gen.load_model(str(tmp_path)), late)  # the highest step
+    torch.save({"model": {}}, tmp_path / "zzz_not_a_ckpt.pt")  # ckpt_*.pt win over other .pt files
+    assert same(gen.load_model(str(tmp_path)), late)
     (tmp_path / "latest").write_text("ckpt_000010.pt\n")
     assert same(gen.load_model(str(tmp_path)), early)
     loaded = gen.load_model(str(tmp_path), kernels="torch", device="cpu")
@@ -178,9 +186,9 @@ def test_load_model_checkpoints_and_run_dirs(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint here"):
         gen.load_model(str(empty))
-    torch.save({"weights": 1}, tmp_path / "other.pt")
+    torch.save({"weights": 1}, empty / "other.pt")
     with pytest.raises(ValueError, match="not a checkpoint of ours"):
-        gen.load_model(str(tmp_path / "other.pt"))
+        gen.load_model(str(empty))
 
 
 class Recorder(io.StringIO):
@@ -193,7 +201,7 @@ class Recorder(io.StringIO):
 
 
 def test_cli_streams_greedy_text(tmp_path):
-    model = random_model(vocab_size=50257, n_embd=16)  # the real vocab, so any token decodes
+    model = random_model(vocab_size=50257, n_embd=16)  # block_size 48  # the real vocab, so any token decodes
     _save_ckpt(tmp_path / "ckpt_000001.pt", model.float())
     out = Recorder()
     samples = gen.main(["--model", str(tmp_path), "--prompt", "Hello, world", "--max-new-tokens", "8",
@@ -209,5 +217,40 @@ def test_cli_streams_greedy_text(tmp_path):
     assert out.getvalue().rstrip("\n") == "Hello, world" + enc.decode(expect)
     assert out.flushes >= len(expect)  # one write per token: streamed, not printed at the end
     two = gen.main(["--model", str(tmp_path), "--max-new-tokens", "4", "--num-samples", "2", "--seed", "3"], out=Recorder())
+    with pytest.raises(SystemExit):  # argparse error: block_size is 48
+        gen.main(["--model", str(tmp_path), "--max-new-tokens", "48"], out=Recorder())
     assert len(two) == 2 and two == gen.main(["--model", str(tmp_path), "--max-new-tokens", "4", "--num-samples", "2",
                                               "--seed", "3"], out=Recorder())
+
+
+def test_decode_speed_runs(model):
+    assert gen.decode_tokens_per_sec(model, 2, new_tokens=8) > 0
+    assert gen.decode_tokens_per_sec(model, 2, new_tokens=8, use_cache=False) > 0
+
+
+@requires_cuda
+def test_cuda_cached_path_with_triton_kernels_bf16():
+    """On a GPU: the cached path (our LayerNorm/GELU kernels, SDPA with the offset mask) under bf16
+    autocast is within 2x the error of the plain torch forward in bf16, both against float64."""
+    from kernels import BackendUnavailable
+
+    cfg = GPTConfig.preset("small")
+    torch.manual_seed(0)
+    try:
+        model = GPT(cfg, kernels="triton").cuda().eval()
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+    plain = GPT(cfg, kernels="torch").cuda().eval()
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, cfg.vocab_size, (4, 200), device="cuda")
+    with torch.no_grad():
+        ref64 = plain.double()(idx)[0]
+        plain.float()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            baseline = plain(idx)[0].float()
+            cache = KVCache(cfg, 4)
+            for a, b in [(0, 150), (150, 151), (151, 152), (152, 200)]:
+                last = model.forward_cached(idx[:, a:b], cache).float()
+                assert_close(last, ref64[:, b - 1], baseline[:, b - 1], atol=1e-2, name=f"logits at {b - 1}")
+        out = model.generate(idx[:, :8], 32, top_k=50, generator=torch.Generator("cuda").manual_seed(0))
+    assert out.shape == (4, 40) and out.max().item() < cfg.vocab_size

@@ -6,8 +6,10 @@ import os
 import pytest
 import torch
 
+from conftest import requires_cuda
 from gpt2 import hellaswag
-from gpt2.model import GPT
+from gpt2.model import GPT, GPTConfig
+from numerics import assert_close
 
 N = 50  # examples from the real file
 
@@ -119,6 +121,23 @@ def test_fixed_padded_shape(ours, data_path):
     assert shapes == [(8, hellaswag.pad_length(examples[:5], 128))] * 3  # the last batch padded to 2 examples
 
 
+def test_one_graph_under_torch_compile(ours, data_path):
+    """Every batch, the partial last one included, has one shape: a compiled model compiles once."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, backend=counting_backend, dynamic=False)
+    try:
+        result = hellaswag.evaluate(compiled, data_path, limit=7, batch_size=3)
+    finally:
+        torch._dynamo.reset()
+    assert result["n"] == 7 and len(graphs) == 1
+
+
 def test_long_context_loses_leftmost_tokens():
     ex = [(list(range(100, 200)), [[1, 2, 3]] * 4, [3, 5, 7, 9], 0)]
     tokens, targets, n_tok, n_char = hellaswag.build_batch(ex, T=16, rows=4)
@@ -154,3 +173,29 @@ def test_cli_json(hf_dir, data_path, capsys):
     assert printed == result and set(printed) == {"n", "acc", "acc_norm", "acc_norm_char"} and printed["n"] == 6
     with pytest.raises(FileNotFoundError, match="no such HellaSwag file"):
         hellaswag.evaluate(None, data_path=str(data_path) + ".missing")
+
+
+@requires_cuda
+def test_cuda_triton_bf16_scores(data_path):
+    """On a GPU, bf16 autocast: the ending scores with our kernels are within 2x the error of the
+    torch backend's, both against a float64 run; a compiled model gives the same numbers."""
+    from kernels import BackendUnavailable
+
+    cfg = GPTConfig.preset("small")
+    torch.manual_seed(0)
+    try:
+        model = GPT(cfg, kernels="triton").cuda()
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+    plain = GPT(cfg, kernels="torch").cuda()
+    plain.load_state_dict(model.state_dict())
+    examples = hellaswag.tokenized_examples(data_path, 200)
+    ref64 = hellaswag.ending_scores(plain.double(), examples, 10)[0]  # float64 logits: small batches
+    plain.float()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        baseline = hellaswag.ending_scores(plain, examples, 50)[0]
+        ours = hellaswag.ending_scores(model, examples, 50)[0]
+        result = hellaswag.evaluate(model, data_path, limit=200, batch_size=50)
+        compiled = hellaswag.evaluate(torch.compile(model), data_path, limit=200, batch_size=50)
+    assert_close(ours, ref64, baseline, atol=1e-2, name="ending log-likelihoods")
+    assert result["n"] == 200 and abs(result["acc"] - compiled["acc"]) <= 0.02

@@ -141,11 +141,12 @@ def score_batch(model, tokens, targets):
     """Sum of log p(target) over the positions with target != -1, per row (float64)."""
     logits = model(tokens)[0]  # (R, T, V): one fixed shape, whatever the batch holds
     mask = targets != -1
-    rows = mask.nonzero()[:, 0]
     picked = logits[mask]  # (n, V): only the ending positions get the fp32 log-softmax
     picked = picked.to(torch.promote_types(picked.dtype, torch.float32))
     logp = picked.gather(-1, targets[mask][:, None]).squeeze(-1) - torch.logsumexp(picked, dim=-1)
-    return torch.zeros(tokens.shape[0], dtype=torch.float64, device=tokens.device).index_add_(0, rows, logp.double())
+    per_position = torch.zeros(targets.shape, dtype=torch.float64, device=tokens.device)
+    per_position[mask] = logp.double()  # then a plain row sum: deterministic, unlike atomic index_add_
+    return per_position.sum(dim=1)
 
 
 def _unwrap(model):

@@ -21,8 +21,8 @@ the longest example rounded up to a multiple of 32 (capped at block_size), and t
 with dummy rows, so a compiled model sees one shape for the whole evaluation. Under torchrun each
 rank scores examples[rank::world_size] and the counts are summed with all_reduce.
 
-`load_model` (used by this CLI and by gpt2/generate.py) reads our trainer's checkpoints, a Hugging
-Face GPT-2 directory, or a hub name.
+--model goes through `gpt2.generate.load_model` (one loader for both CLIs): our trainer's
+checkpoint file or run directory, a Hugging Face GPT-2 directory, or a hub name.
 """
 import argparse
 import json

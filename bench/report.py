@@ -6,13 +6,18 @@ One JSON document per run:
      "limits": {copy_gbps, matmul_tflops}            (gpu: measured at the start of the same run)
      "rows": [kernel rows], "e2e": [end-to-end rows], "cpu": [cpu rows], "static": {...}}
 A kernel row: op, variant, mode, provider, role ("baseline" | "ours"), status ("ok" | "unavailable" |
-"error"), reason, and when ok: ms (median), ms_p20, ms_p80, bytes, flops, gbps, tflops, bound,
-pct_of_limit, peak_mem_bytes, speedup {baseline: x}.
+"error"), reason, and when ok: ms (do_bench median), ms_p20, ms_p80, then either ms_graph,
+ms_graph_p20, ms_graph_p80 and graph {calls, input_sets, replays} (device-only, CUDA-graph replay) or
+graph_reason (why not), timing_basis ("graph" | "do_bench": the time that gbps, tflops and
+pct_of_limit use), bytes, flops, gbps, tflops, bound, pct_of_limit, peak_mem_bytes, and for ours
+speedup {baseline: x} with speedup_basis {baseline: "graph" | "do_bench"}.
+Schema 1 (no graph timings) still loads; --compare uses ms_graph where both files have it.
 """
 import json
 import math
 
-SCHEMA = "gpt2-kernel-lab/bench/1"
+SCHEMA = "gpt2-kernel-lab/bench/2"
+OLD_SCHEMAS = ("gpt2-kernel-lab/bench/1",)  # read (validate, --compare), never written
 KINDS = ("gpu", "e2e", "cpu", "static")
 ENV_KEYS = ("gpu", "driver", "torch", "triton", "cuda", "python", "git_commit", "date")
 ROW_KEYS = ("op", "variant", "mode", "provider", "role", "status")
@@ -27,8 +32,9 @@ def validate(doc):
     p = []
     if not isinstance(doc, dict):
         return ["document is not a JSON object"]
-    if doc.get("schema") != SCHEMA:
+    if doc.get("schema") != SCHEMA and doc.get("schema") not in OLD_SCHEMAS:
         p.append(f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
+    v2 = doc.get("schema") == SCHEMA
     if doc.get("kind") not in KINDS:
         p.append(f"kind {doc.get('kind')!r} not in {KINDS}")
     env = doc.get("env")
@@ -49,6 +55,14 @@ def validate(doc):
             ms, lo, hi = r.get("ms"), r.get("ms_p20"), r.get("ms_p80")
             if not all(_positive(x) for x in (ms, lo, hi)) or not lo <= ms <= hi:
                 p.append(f"{where}: need 0 < ms_p20 <= ms <= ms_p80, got {lo}, {ms}, {hi}")
+            if "ms_graph" in r:
+                g, glo, ghi = r.get("ms_graph"), r.get("ms_graph_p20"), r.get("ms_graph_p80")
+                if not all(_positive(x) for x in (g, glo, ghi)) or not glo <= g <= ghi:
+                    p.append(f"{where}: need 0 < ms_graph_p20 <= ms_graph <= ms_graph_p80, got {glo}, {g}, {ghi}")
+                if r.get("timing_basis") != "graph":
+                    p.append(f"{where}: has ms_graph but timing_basis is {r.get('timing_basis')!r}")
+            elif v2 and not r.get("graph_reason"):
+                p.append(f"{where}: neither ms_graph nor graph_reason")
         elif r.get("status") in ("unavailable", "error"):
             if not r.get("reason"):
                 p.append(f"{where}: status {r['status']} without a reason")
@@ -96,25 +110,35 @@ def markdown(doc):
     lim = doc.get("limits")
     if lim:
         out.append(f"Measured limits: copy {lim['copy_gbps']:.0f} GB/s, bf16 matmul {lim['matmul_tflops']:.0f} TFLOP/s. "
-                   "% = achieved GB/s (memory-bound) or TFLOP/s (compute-bound) of that limit, against the op's "
-                   "ideal bytes / FLOPs. ms: median [p20, p80]. The fused losses (cross_entropy, "
+                   "ms: triton do_bench around one eager call, median [p20, p80]: includes host launch time "
+                   "(Python, dispatch, autograd) when the GPU outruns the CPU. ms_graph: device-only, many calls "
+                   "captured in one CUDA graph and replayed, median [p20, p80] per call (inputs rotated so they "
+                   "are not re-read from L2). GB/s, TFLOP/s, % of limit and speedups use ms_graph when the row "
+                   "has it, else ms (marked *). % = achieved GB/s (memory-bound) or TFLOP/s (compute-bound) of "
+                   "the measured limit, against the op's ideal bytes / FLOPs. The fused losses (cross_entropy, "
                    "linear_cross_entropy) compute their gradient in the forward: compare them on fwd+bwd.")
     groups = {}
     for r in doc.get("rows", []):
         groups.setdefault((r["op"], r["variant"]), []).append(r)
     for (op, variant), rows in groups.items():
         out += ["", f"**{op}** {variant}", "",
-                "| mode | provider | ms | GB/s | TFLOP/s | % limit | peak MiB | speedup vs baselines |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| mode | provider | ms (do_bench) | ms_graph | GB/s | TFLOP/s | % limit | peak MiB | speedup vs baselines |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if r["status"] != "ok":
-                out.append(f"| {r['mode']} | {r['provider']} | {r['status']}: {_short(r.get('reason'))} | | | | | |")
+                out.append(f"| {r['mode']} | {r['provider']} | {r['status']}: {_short(r.get('reason'))} | | | | | | |")
                 continue
-            sp = ", ".join(f"{b} {x:.2f}x" for b, x in (r.get("speedup") or {}).items())
-            tf = f"{r['tflops']:.1f}" if r.get("flops") else "-"
+            star = "" if r.get("timing_basis") == "graph" else "*"
+            sp = ", ".join(f"{b} {x:.2f}x" + ("" if (r.get("speedup_basis") or {}).get(b) == "graph" else "*")
+                           for b, x in (r.get("speedup") or {}).items())
+            tf = f"{r['tflops']:.1f}{star}" if r.get("flops") else "-"
             mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
-            out.append(f"| {r['mode']} | {r['provider']} | {r['ms']:.3f} [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}] "
-                       f"| {r['gbps']:.0f} | {tf} | {r['pct_of_limit']:.0f}% | {mem} | {sp} |")
+            if "ms_graph" in r:
+                g = f"{r['ms_graph']:.3f} [{r['ms_graph_p20']:.3f}, {r['ms_graph_p80']:.3f}]"
+            else:
+                g = "- " + _short(r.get("graph_reason"), 60) if r.get("graph_reason") else "-"
+            out.append(f"| {r['mode']} | {r['provider']} | {r['ms']:.3f} [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}] | {g} "
+                       f"| {r['gbps']:.0f}{star} | {tf} | {r['pct_of_limit']:.0f}%{star} | {mem} | {sp} |")
     if doc.get("e2e"):
         out += ["", e2e_markdown(doc["e2e"])]
     return "\n".join(out)
@@ -210,23 +234,26 @@ def compare(a, b, threshold=SLOWER):
     ra = {_key(r): r for r in a.get("rows", [])}
     rb = {_key(r): r for r in b.get("rows", [])}
     if ra or rb:
-        lines += ["| op | variant | mode | provider | A ms | B ms | B/A | |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["Times: ms_graph (device-only) where both runs have it, else do_bench's ms.", "",
+                  "| op | variant | mode | provider | basis | A ms | B ms | B/A | |", "|---|---|---|---|---|---|---|---|---|"]
     for k in list(ra) + [k for k in rb if k not in ra]:
         x, y = ra.get(k), rb.get(k)
         if x is None or y is None:
-            lines.append(f"| {' | '.join(k)} | {'-' if x is None else _ms(x)} | {'-' if y is None else _ms(y)} | | only in {'B' if x is None else 'A'} |")
+            lines.append(f"| {' | '.join(k)} | | {'-' if x is None else _ms(x)} | {'-' if y is None else _ms(y)} | | only in {'B' if x is None else 'A'} |")
             continue
         if x["status"] == "ok" and y["status"] == "ok":
-            ratio = y["ms"] / x["ms"]
+            key = "ms_graph" if "ms_graph" in x and "ms_graph" in y else "ms"
+            ratio = y[key] / x[key]
             flag = "SLOWER" if ratio > threshold else ("faster" if ratio < 1 / threshold else "")
             if flag == "SLOWER":
-                flagged.append(f"{' '.join(k)}: {ratio:.2f}x the time")
-            lines.append(f"| {' | '.join(k)} | {x['ms']:.3f} | {y['ms']:.3f} | {ratio:.2f} | {flag} |")
+                flagged.append(f"{' '.join(k)}: {ratio:.2f}x the time ({'graph' if key == 'ms_graph' else 'do_bench'})")
+            lines.append(f"| {' | '.join(k)} | {'graph' if key == 'ms_graph' else 'do_bench'} | {x[key]:.3f} "
+                         f"| {y[key]:.3f} | {ratio:.2f} | {flag} |")
         else:
             flag = "BROKEN" if x["status"] == "ok" else ""
             if flag:
                 flagged.append(f"{' '.join(k)}: ran in A, {y['status']} in B")
-            lines.append(f"| {' | '.join(k)} | {_ms(x)} | {_ms(y)} | | {flag} |")
+            lines.append(f"| {' | '.join(k)} | | {_ms(x)} | {_ms(y)} | | {flag} |")
     ea = {r["name"]: r for r in a.get("e2e", [])}
     eb = {r["name"]: r for r in b.get("e2e", [])}
     common = [n for n in ea if n in eb]

@@ -2,7 +2,7 @@
 
     python bench/run.py                       # GPU: every op in bench/specs.py, all providers (CPU: see below)
     python bench/run.py gelu attention --quick  # some ops, one shape each
-    python bench/run.py --e2e [--e2e-steps 20] [--e2e-filter triton]   # gpt2.train tokens/s, MFU, memory, loss
+    python bench/run.py --e2e [--quick] [--e2e-steps 15] [--e2e-filter REGEX]   # gpt2.train tokens/s, MFU, loss
     python bench/run.py --static [gelu ...]   # no GPU: AOT compile report, IO audit, floors; fails on spills
     python bench/run.py --compare A.json B.json   # differences; exit 1 if anything is >5% slower
     python bench/run.py --cpu                 # what is meaningful without a GPU (the default there)
@@ -10,9 +10,13 @@
 GPU mode: the same run first measures the card's copy bandwidth and bf16 matmul throughput, then times
 each op's fwd / bwd / fwd+bwd for every provider with triton.testing.do_bench (CUDA events, L2 flushed
 between repetitions, compile and autotune excluded by a warm-up call): median with p20/p80 (bwd: the
-same method in `bench_backward`, a fresh untimed forward before each timed backward). Each row
-relates the time to the op's ideal bytes (GB/s) or FLOPs (TFLOP/s) and to the measured limit. A
-provider that cannot run is listed with its reason. Results: <out>/<date>_<gpu>_<kind>.json plus PNG
+same method in `bench_backward`, a fresh untimed forward before each timed backward): `ms`. That
+includes host launch time for small ops (Python, custom-op dispatch, autograd), so each mode is also
+timed device-only with CUDA-graph replay (`time_graph`): `ms_graph`, or `graph_reason` when the
+calls cannot be captured (an op that syncs the host). Each row relates its time (ms_graph when
+there is one) to the op's ideal bytes (GB/s) or FLOPs (TFLOP/s) and to the measured limit. A
+provider that cannot run is listed with its reason. --e2e rewrites its JSON after every run.
+Results: <out>/<date>_<gpu>_<kind>.json plus PNG
 plots (default out: bench/results/) and a markdown table on the console.
 """
 import argparse
@@ -78,16 +82,21 @@ def _driver():
         return "none"
 
 
-def write_doc(doc, out, kind):
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", doc["env"]["gpu"]).strip("-")[:40]
-    stamp = doc["env"]["date"][:19].replace(":", "-")
-    path = out / f"{stamp}_{gpu}_{kind}.json"
+def write_doc(doc, out, kind, path=None, quiet=False):
+    """Write doc as JSON (atomically: a reader or a kill never sees half a file); `path` rewrites the
+    file an earlier call returned (incremental e2e results)."""
+    if path is None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        gpu = re.sub(r"[^A-Za-z0-9]+", "-", doc["env"]["gpu"]).strip("-")[:40]
+        stamp = doc["env"]["date"][:19].replace(":", "-")
+        path = out / f"{stamp}_{gpu}_{kind}.json"
     problems = report.validate(doc)
-    if problems:  # a bug in this file: still write the data, but say so
+    if problems and not quiet:  # a bug in this file: still write the data, but say so
         print("WARNING: result does not match the schema:\n  " + "\n  ".join(problems[:10]))
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, path)
     return path
 
 
@@ -111,7 +120,86 @@ def measure_limits(quick):
             "how": "copy: 1 GiB fp32 y.copy_(x), 2 bytes moved per byte; matmul: 8192^3 bf16 a @ b"}
 
 
+class CudaClock:
+    """What the GPU timings run on: CUDA events, the L2 flush, triton's do_bench and CUDA graphs.
+    tests/test_bench.py swaps in a CPU stand-in with the same methods (CpuClock) to run the whole
+    GPU pipeline without a GPU."""
+    device = "cuda"
+
+    def __init__(self):
+        import torch
+
+        self.torch = torch
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        self.l2_bytes = getattr(props, "L2_cache_size", 0) or 50 * 2**20
+        self._cache = None
+
+    def sync(self):
+        self.torch.cuda.synchronize()
+
+    def interval(self):
+        """(start, stop, elapsed_ms): a pair of CUDA events."""
+        s, e = (self.torch.cuda.Event(enable_timing=True) for _ in range(2))
+        return s.record, e.record, lambda: s.elapsed_time(e)
+
+    def flush_l2(self):
+        if self._cache is None:  # as triton.testing.do_bench: write 256 MiB
+            self._cache = self.torch.empty(256 * 2**20 // 4, dtype=self.torch.int32, device="cuda")
+        self._cache.zero_()
+
+    def do_bench(self, fn, rep, grad_to_none):
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+
+    def side_stream(self):
+        s = self.torch.cuda.Stream()
+        s.wait_stream(self.torch.cuda.current_stream())
+        return s
+
+    def on(self, stream):
+        return self.torch.cuda.stream(stream)
+
+    def capture(self, body, stream):
+        """One CUDA graph of everything `body` launches on `stream`; returns its replay. Raises
+        GraphUnavailable with the first error (an op that syncs the host cannot be captured)."""
+        g, err = self.torch.cuda.CUDAGraph(), None
+        self.sync()
+        with self.on(stream):
+            g.capture_begin()
+            try:
+                body()
+            except Exception as e:
+                err = e
+            try:
+                g.capture_end()
+            except Exception as e:
+                err = err or e
+        if err is not None:
+            raise GraphUnavailable(f"capture failed: {type(err).__name__}: {str(err).strip()}"[:600])
+        return g.replay
+
+    def memory_allocated(self):
+        return self.torch.cuda.memory_allocated()
+
+    def reset_peak(self):
+        self.torch.cuda.reset_peak_memory_stats()
+
+    def max_memory_allocated(self):
+        return self.torch.cuda.max_memory_allocated()
+
+    def free_bytes(self):
+        return self.torch.cuda.mem_get_info()[0]
+
+    def empty_cache(self):
+        self.torch.cuda.empty_cache()
+
+
 class Unavailable(Exception):
+    pass
+
+
+class GraphUnavailable(Exception):
     pass
 
 
@@ -131,82 +219,190 @@ def build_provider(b, name):
     return getattr(ops, b.op)
 
 
-def time_row(b, mode, fn, rep):
-    """(ms, p20, p80, peak bytes above the inputs) for one mode of one provider."""
+def _prepare(b, fn, device):
+    """(call, dy, leaves): one input set, warmed up (compile and autotune happen here, untimed)."""
     import torch
-    from triton.testing import do_bench
 
-    args, kwargs, leaves = specs.make_inputs(b, "cuda")
+    args, kwargs, leaves = specs.make_inputs(b, device)
     if b.op == "AdamW":
         (params,) = args
         opt = fn(specs.adamw_groups(params), lr=6e-4, betas=(0.9, 0.95), eps=1e-8)
         opt.step()  # allocates the state; compiles / autotunes
-        run = opt.step
-    else:
-        out = fn(*args, **kwargs)  # warm-up: compile and autotune happen here, untimed
-        dy = torch.randn_like(out) if out.numel() > 1 else None
-        out.backward(dy)
-
-        def forward():
-            return fn(*args, **kwargs)
-
-        def run():
-            if mode == "fwd":
-                return forward()
-            forward().backward(dy)
+        return opt.step, None, []
+    out = fn(*args, **kwargs)
+    dy = torch.randn_like(out) if out.numel() > 1 else None
+    out.backward(dy)
     for t in leaves:
         t.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    return (lambda: fn(*args, **kwargs)), dy, leaves
+
+
+def time_row(b, mode, fn, rep, clock, graphs=True):
+    """Timings of one mode of one provider: do_bench's ms, ms_p20, ms_p80 (+ peak_mem_bytes above the
+    inputs), and, with `graphs`, the CUDA-graph replay time (ms_graph...) or why there is none."""
+    forward, dy, leaves = _prepare(b, fn, clock.device)
+
+    def run():
+        if mode in ("fwd", "step"):
+            return forward()
+        forward().backward(dy)
+    clock.sync()
+    base = clock.memory_allocated()
+    clock.reset_peak()
     run()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    clock.sync()
+    res = {"peak_mem_bytes": clock.max_memory_allocated() - base}
+    for t in leaves:
+        t.grad = None
     if mode == "bwd":
-        return (*bench_backward(forward, dy, leaves, rep), peak)
-    ms, p20, p80 = do_bench(run, warmup=25, rep=rep, grad_to_none=leaves or None, quantiles=[0.5, 0.2, 0.8])
-    return ms, p20, p80, peak
+        ms, p20, p80 = bench_backward(forward, dy, leaves, rep, clock)
+    else:
+        ms, p20, p80 = clock.do_bench(run, rep, leaves or None)
+    res.update(ms=ms, ms_p20=p20, ms_p80=p80)
+    del forward, dy, leaves, run
+    if graphs:
+        try:
+            res.update(time_graph(b, mode, fn, clock, ms, rep))
+        except GraphUnavailable as e:
+            res["graph_reason"] = str(e)
+        except Exception as e:  # OOM and the like: the do_bench numbers stand, say why there is no graph time
+            res["graph_reason"] = f"{type(e).__name__}: {e}"[:600]
+        try:
+            clock.sync()
+        except Exception as e:  # a failed capture that broke the context: later rows will say so too
+            res["graph_reason"] += f"; then the device reported {type(e).__name__}: {e}"[:300]
+        clock.empty_cache()
+    return res
 
 
-def bench_backward(forward, dy, leaves, rep, warmup=25):
+def bench_backward(forward, dy, leaves, rep, clock, warmup=25):
     """do_bench for a backward alone: each repetition runs a fresh forward (untimed), flushes L2, and
     times `backward` between CUDA events. Calling backward again on one graph (retain_graph) is not
     an option: a fused loss scales the gradient it saved in place, so its graph runs backward once."""
-    import torch
-
-    cache = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device="cuda")  # as triton.testing: flush L2
-
-    def once(start, end):
+    def once():
         out = forward()
         for t in leaves:
             t.grad = None
-        cache.zero_()
-        start.record()
+        clock.flush_l2()
+        start, stop, elapsed = clock.interval()
+        start()
         out.backward(dy)
-        end.record()
+        stop()
+        return elapsed
 
-    events = lambda n: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]  # noqa: E731
-    probe = events(5)
-    for s, e in probe:
-        once(s, e)
-    torch.cuda.synchronize()
-    estimate = max(1e-3, sum(s.elapsed_time(e) for s, e in probe) / 5)
-    for s, e in events(max(1, int(warmup / estimate))):
-        once(s, e)
-    timed = events(max(1, int(rep / estimate)))
-    for s, e in timed:
-        once(s, e)
-    torch.cuda.synchronize()
-    times = torch.tensor([s.elapsed_time(e) for s, e in timed], dtype=torch.float64)
-    return [torch.quantile(times, q).item() for q in (0.5, 0.2, 0.8)]
+    probe = [once() for _ in range(5)]
+    clock.sync()
+    estimate = max(1e-3, sum(e() for e in probe) / 5)
+    for _ in range(max(1, int(warmup / estimate))):
+        once()
+    timed = [once() for _ in range(max(1, int(rep / estimate)))]
+    clock.sync()
+    return _quantiles([e() for e in timed])
 
 
-def run_gpu(args):
-    import torch
+def _quantiles(times):
+    """median, p20, p80 (linear interpolation, as torch.quantile)."""
+    xs = sorted(times)
 
+    def q(p):
+        k = p * (len(xs) - 1)
+        lo = int(k)
+        hi = min(lo + 1, len(xs) - 1)
+        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    return [q(0.5), q(0.2), q(0.8)]
+
+
+GRAPH_TARGET_MS = 20.0  # device time of the calls captured in one graph (estimated from do_bench)
+GRAPH_MAX_CALLS = 200
+GRAPH_MIN_REPLAYS = 10
+MAX_INPUT_SETS = 8
+
+
+def input_sets(b, mode, l2_bytes):
+    """How many copies of the inputs the captured calls rotate through: enough that at least 2x the L2
+    size moves between two uses of one copy (one copy when a call already moves that much)."""
+    moved = specs.ideal_bytes(b, "fwd+bwd" if mode == "bwd" else mode)
+    return max(1, min(MAX_INPUT_SETS, -(-2 * l2_bytes // max(1, moved))))
+
+
+def time_graph(b, mode, fn, clock, ms_hint, rep):
+    """Device-only time of one call: n calls captured in one CUDA graph, the graph replayed back to
+    back between CUDA events, ms_graph = median over replays of (replay time / n). Host work (Python,
+    custom-op dispatch, launchers, autograd) is out: the graph has only the kernels. No L2 flush
+    inside the graph: the calls rotate through K input copies (input_sets) so inputs that fit in L2
+    are not re-read from it. fwd: the forward with autograd recording (as in training); fwd+bwd: both
+    captured together; bwd: n forwards run eagerly before capture (their graphs kept alive), the
+    capture holds only the n backwards (retain_graph=True keeps the saved tensors; each graph's
+    backward is captured once); step (AdamW): the optimizer step."""
+    k = input_sets(b, mode, clock.l2_bytes)
+    n = max(1, min(GRAPH_MAX_CALLS, round(GRAPH_TARGET_MS / max(ms_hint, 1e-4))))
+    sets = [_prepare(b, fn, clock.device) for _ in range(k)]
+    clock.sync()
+    stream = clock.side_stream()
+    outs = []
+    with clock.on(stream):  # warm-up on the capture stream, as CUDA graph capture requires
+        for forward, dy, leaves in sets:
+            for _ in range(2):
+                if mode in ("fwd", "step"):
+                    forward()
+                else:
+                    forward().backward(dy)
+                for t in leaves:
+                    t.grad = None
+        if mode == "bwd":  # the backwards' graphs: kept alive until the timing is done
+            before = clock.memory_allocated()
+            outs.append(sets[0][0]())
+            clock.sync()
+            per_call = max(1, clock.memory_allocated() - before)
+            n = max(1, min(n, int(0.4 * clock.free_bytes() / per_call)))
+    n = -(-n // k) * k  # a multiple of K: every replay starts where the previous one left L2
+    if mode == "bwd":
+        with clock.on(stream):
+            outs += [sets[i % k][0]() for i in range(len(outs), n)]
+    clock.sync()
+
+    def body():
+        for i in range(n):
+            forward, dy, leaves = sets[i % k]
+            if mode in ("fwd", "step"):
+                forward()
+                continue
+            if mode == "bwd":
+                outs[i].backward(dy, retain_graph=True)
+            else:
+                forward().backward(dy)
+            for t in leaves:
+                t.grad = None
+    replay = clock.capture(body, stream)
+    replay()  # first replay: uploads the graph
+    clock.sync()
+    start, stop, elapsed = clock.interval()
+    start()
+    replay()
+    stop()
+    clock.sync()
+    per_replay = max(1e-3, elapsed())
+    reps = max(GRAPH_MIN_REPLAYS, min(200, int(rep / per_replay)))
+    timed = []
+    replay()  # keeps the device busy while the host records the first timed replay: no launch gap
+    for _ in range(reps):
+        start, stop, elapsed = clock.interval()
+        start()
+        replay()
+        stop()
+        timed.append(elapsed)
+    clock.sync()
+    ms, p20, p80 = _quantiles([e() / n for e in timed])
+    return {"ms_graph": ms, "ms_graph_p20": p20, "ms_graph_p80": p80,
+            "graph": {"calls": n, "input_sets": k, "replays": reps}}
+
+
+def run_gpu(args, clock=None, limits=None):
     env = environment()
-    print(f"# {env['gpu']}: measuring copy bandwidth and bf16 matmul throughput...", flush=True)
-    limits = measure_limits(args.quick)
+    clock = clock or CudaClock()
+    if limits is None:
+        print(f"# {env['gpu']}: measuring copy bandwidth and bf16 matmul throughput...", flush=True)
+        limits = measure_limits(args.quick)
     print(f"#   copy {limits['copy_gbps']:.0f} GB/s, matmul {limits['matmul_tflops']:.0f} TFLOP/s", flush=True)
     rows = []
     for b in specs.selected(args.ops, args.quick):
@@ -227,51 +423,72 @@ def run_gpu(args):
                 else:
                     t0 = time.time()
                     try:
-                        ms, p20, p80, peak = time_row(b, mode, fn, args.rep)
+                        res = time_row(b, mode, fn, args.rep, clock, graphs=not args.no_graphs)
                     except Exception as e:  # OOM, a backend that refuses the shape: listed, never dropped
                         row.update(status="error", reason=f"{type(e).__name__}: {e}"[:1000])
                     else:
-                        row.update(_metrics(b, mode, ms, p20, p80, peak, limits))
+                        if args.no_graphs:
+                            res["graph_reason"] = "not measured (--no-graphs)"
+                        row.update(_metrics(b, mode, res, limits))
                     row["wall_s"] = round(time.time() - t0, 1)
-                    torch.cuda.empty_cache()
+                    clock.empty_cache()
                 group.append(row)
                 _progress(row)
             _speedups(group)
             rows += group
     doc = {"schema": report.SCHEMA, "kind": "gpu", "env": env, "limits": limits, "rows": rows,
-           "settings": {"warmup_ms": 25, "rep_ms": args.rep, "quantiles": [0.5, 0.2, 0.8], "quick": args.quick}}
+           "settings": {"warmup_ms": 25, "rep_ms": args.rep, "quantiles": [0.5, 0.2, 0.8], "quick": args.quick,
+                        "timing": TIMING_NOTE, "graphs": not args.no_graphs, "l2_bytes": clock.l2_bytes}}
     _finish(doc, args, "gpu")
     return 0
 
 
-def _metrics(b, mode, ms, p20, p80, peak, limits):
+TIMING_NOTE = (
+    "ms: triton.testing.do_bench around one eager call (L2 flushed between repetitions; bwd: a fresh "
+    "untimed forward per repetition); for small ops it includes host launch time (Python, custom-op "
+    "dispatch, autograd) whenever the GPU outruns the CPU. ms_graph: device-only, n calls captured in "
+    "one CUDA graph and replayed back to back between CUDA events, median over replays of time / n; "
+    "inputs rotate among `graph.input_sets` copies so >= 2x L2 moves between reuses (no flush inside "
+    "the graph); bwd captures only the backwards of forwards run before capture. GB/s, TFLOP/s, "
+    "% of limit and speedups use ms_graph when the row has it (timing_basis), else ms.")
+
+
+def _metrics(b, mode, res, limits):
     nbytes, nflops = specs.ideal_bytes(b, mode), specs.flops(b, mode)
-    gbps, tflops = nbytes / ms / 1e6, nflops / ms / 1e9
+    basis = "graph" if "ms_graph" in res else "do_bench"
+    t = res["ms_graph"] if basis == "graph" else res["ms"]
+    gbps, tflops = nbytes / t / 1e6, nflops / t / 1e9
     pct = 100 * (tflops / limits["matmul_tflops"] if b.bound == "compute" else gbps / limits["copy_gbps"])
-    return {"status": "ok", "ms": ms, "ms_p20": p20, "ms_p80": p80, "bytes": nbytes, "flops": nflops,
-            "gbps": gbps, "tflops": tflops, "bound": b.bound, "pct_of_limit": pct, "peak_mem_bytes": peak}
+    return {"status": "ok", **res, "timing_basis": basis, "bytes": nbytes, "flops": nflops,
+            "gbps": gbps, "tflops": tflops, "bound": b.bound, "pct_of_limit": pct}
 
 
 def _speedups(group):
-    base = {r["provider"]: r["ms"] for r in group if r["role"] == "baseline" and r["status"] == "ok"}
+    """Ours against each baseline on the graph times when both rows have one, else on do_bench's."""
+    base = [r for r in group if r["role"] == "baseline" and r["status"] == "ok"]
     for r in group:
         if r["role"] == "ours" and r["status"] == "ok":
-            r["speedup"] = {name: ms / r["ms"] for name, ms in base.items()}
+            r["speedup"], r["speedup_basis"] = {}, {}
+            for x in base:
+                key = "ms_graph" if "ms_graph" in r and "ms_graph" in x else "ms"
+                r["speedup"][x["provider"]] = x[key] / r[key]
+                r["speedup_basis"][x["provider"]] = "graph" if key == "ms_graph" else "do_bench"
 
 
 def _progress(r):
     what = f"{r['op']:<20} {r['variant']:<26} {r['mode']:<8} {r['provider']:<11}"
     if r["status"] == "ok":
-        print(f"  {what} {r['ms']:8.3f} ms  {r['pct_of_limit']:5.1f}% of limit", flush=True)
+        g = f"graph {r['ms_graph']:8.3f} ms" if "ms_graph" in r else f"graph: {report._short(r.get('graph_reason'), 80)}"
+        print(f"  {what} {r['ms']:8.3f} ms  {g}  {r['pct_of_limit']:5.1f}% of limit", flush=True)
     else:
         print(f"  {what} {r['status']}: {report._short(r['reason'], 140)}", flush=True)
 
 
-def _finish(doc, args, kind):
+def _finish(doc, args, kind, path=None):
     print()
     print(report.markdown(doc) if kind in ("gpu", "e2e") else "")
     if args.out or kind in ("gpu", "e2e"):
-        path = write_doc(doc, args.out or RESULTS, kind)
+        path = write_doc(doc, args.out or RESULTS, kind, path)
         print(f"\nwrote {path}")
         if kind == "gpu":
             for p in report.plots(doc, str(path.with_suffix(""))):
@@ -288,37 +505,63 @@ def e2e_configs():
     return [(spec + (" --compile" if c else ""), spec, c) for spec, c in runs]
 
 
-def run_e2e(args):
+QUICK_E2E = ("torch", "triton", "triton,cross_entropy=cuda")
+
+
+def e2e_selected(args):
+    """The (name, spec, compile) runs of this invocation: --quick keeps the three eager headline runs,
+    --e2e-filter the names its regex matches (both: the intersection)."""
+    return [(name, spec, c) for name, spec, c in e2e_configs()
+            if (not args.e2e_filter or re.search(args.e2e_filter, name))
+            and (not args.quick or name in QUICK_E2E)]
+
+
+def run_e2e(args, runner=None):
+    """One gpt2.train run per selected configuration. The JSON is rewritten after every run, so an
+    outer timeout that kills this process mid-way leaves the runs that finished (settings.planned
+    lists all of them). `runner` replaces train_run (tests)."""
     import torch
 
     import kernels
 
     env = environment()
-    if not torch.cuda.is_available():
+    if runner is None and not torch.cuda.is_available():
         print("NOTE: --e2e needs a CUDA GPU (GPT-2 124M at B=16, T=1024); nothing was run. "
               "`python bench/run.py` without a GPU times the tiny model on the CPU instead.")
         return 0
+    runner = runner or train_run
+    selected = e2e_selected(args)
+    if not selected:
+        print(f"--e2e: no run matches (filter {args.e2e_filter!r}, quick={args.quick}); runs: "
+              + ", ".join(repr(n) for n, _, _ in e2e_configs()))
+        return 2
     rows = []
-    for name, spec, compiled in e2e_configs():
-        if args.e2e_filter and not re.search(args.e2e_filter, name):
-            continue
-        if args.quick and (compiled or name not in ("torch", "triton", "triton,cross_entropy=cuda")):
-            continue
+    doc = {"schema": report.SCHEMA, "kind": "e2e", "env": env, "rows": [], "e2e": rows,
+           "settings": {"model": "gpt2", "batch_size": args.e2e_batch, "seq_len": args.e2e_seq,
+                        "total_batch_size": args.e2e_batch * args.e2e_seq, "steps": args.e2e_steps,
+                        "warmup_steps_excluded": args.e2e_warmup, "timeout_s": args.e2e_timeout,
+                        "data": args.data, "planned": [n for n, _, _ in selected]}}
+    out = Path(args.out or RESULTS)
+    path = None
+    print(f"# --e2e: {len(selected)} run(s) of {args.e2e_steps} steps (first {args.e2e_warmup} excluded), "
+          f"B={args.e2e_batch} T={args.e2e_seq}, timeout {args.e2e_timeout} s each", flush=True)
+    for name, spec, compiled in selected:
         row = {"name": name, "spec": spec, "compile": compiled}
         try:
             kernels.get_ops(spec)
         except (kernels.BackendUnavailable, ValueError) as e:
             rows.append({**row, "status": "unavailable", "reason": str(e).replace("\n", " ")})
-            print(f"  {name}: unavailable", flush=True)
-            continue
-        rows.append({**row, **train_run(spec, compiled, args, Path(args.out or RESULTS) / "e2e" / _slug(name))})
+        else:
+            try:
+                rows.append({**row, **runner(spec, compiled, args, out / "e2e" / _slug(name))})
+            except Exception as e:  # a bug here must not lose the runs before it
+                rows.append({**row, "status": "error", "reason": f"{type(e).__name__}: {e}"[:1000]})
         r = rows[-1]
         print(f"  {name}: " + (f"{r['tokens_per_sec']:,.0f} tok/s, loss {r['loss']:.4f}" if r["status"] == "ok"
                                else f"{r['status']}: {report._short(r['reason'], 200)}"), flush=True)
-    doc = {"schema": report.SCHEMA, "kind": "e2e", "env": env, "rows": [], "e2e": rows,
-           "settings": {"model": "gpt2", "batch_size": args.e2e_batch, "seq_len": args.e2e_seq,
-                        "steps": args.e2e_steps, "warmup_steps_excluded": args.e2e_warmup, "data": args.data}}
-    _finish(doc, args, "e2e")
+        doc["settings"]["completed"] = len(rows)
+        path = write_doc(doc, out, "e2e", path, quiet=True)
+    _finish(doc, args, "e2e", path)
     return 0
 
 
@@ -343,7 +586,11 @@ def train_run(spec, compiled, args, out, model="gpt2"):
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.e2e_timeout)
     except subprocess.TimeoutExpired:
-        return {"status": "error", "reason": f"timed out after {args.e2e_timeout} s: {' '.join(cmd)}"}
+        logged = ""
+        if (out / "log.jsonl").exists():
+            logged = f" ({len((out / 'log.jsonl').read_text().splitlines())} steps logged)"
+        return {"status": "error", "reason": f"timed out after {args.e2e_timeout} s{logged}: {' '.join(cmd)}",
+                "wall_s": float(args.e2e_timeout)}
     wall = round(time.time() - t0, 1)
     if proc.returncode != 0:
         err = proc.stderr.strip().splitlines() or ["(no stderr)"]
@@ -595,16 +842,18 @@ def parse_args(argv):
     a("ops", nargs="*", help=f"ops to time (default all): {', '.join(sorted({b.op for b in specs.BENCHES}))}")
     a("--ops", dest="ops_opt", default=None, help="comma-separated ops (same as the positional list)")
     a("--quick", action="store_true", help="one shape per op, shorter repetitions; with --e2e: the three eager headline runs")
-    a("--rep", type=int, default=None, help="do_bench repetition time in ms (default 100, --quick 50)")
+    a("--rep", type=int, default=None, help="do_bench repetition time in ms (default 100, --quick 50); "
+      "also the time spent replaying each CUDA graph")
+    a("--no-graphs", action="store_true", help="skip the CUDA-graph (device-only) timings")
     a("--out", default=None, help="results folder (default bench/results/ for GPU runs; static/cpu write only with --out)")
     a("--static", action="store_true", help="no GPU needed: AOT compile report, IO audit, floors; exit 1 on spills")
     a("--cpu", action="store_true", help="the CPU mode (default when no GPU is visible)")
     a("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two results; exit 1 if anything is >5%% slower")
     a("--e2e", action="store_true", help="end-to-end gpt2.train runs instead of kernel timings")
-    a("--e2e-steps", type=int, default=20, help="optimizer steps per e2e run")
+    a("--e2e-steps", type=int, default=15, help="optimizer steps per e2e run (default 15: ~1 s of steps on an H100)")
     a("--e2e-warmup", type=int, default=5, help="first steps excluded (compile, autotune, allocator warm-up)")
     a("--e2e-filter", default=None, help="regex on the run name, e.g. '^triton' or 'compile'")
-    a("--e2e-batch", type=int, default=16)
+    a("--e2e-batch", type=int, default=16, help="micro-batch; total batch = B * T (one micro-step per step)")
     a("--e2e-seq", type=int, default=1024)
     a("--e2e-timeout", type=int, default=300, help="seconds per training run")
     a("--data", default=None, help="training text/shards for --e2e and the CPU mode (default: tiny Shakespeare)")

@@ -3,8 +3,10 @@ interpreter IO audit of the memory-bound kernels, the CPU mode, and (GPU only) a
 import importlib.util
 import json
 import os
+import contextlib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,10 +72,49 @@ def test_compare_refuses_a_file_that_is_not_a_result(tmp_path):
         report.load(bad)
 
 
+def test_validate_graph_fields():
+    doc = json.loads(A.read_text())
+    ok = doc["rows"][2]  # layer_norm fwd triton, graph-timed
+    ok["ms_graph_p80"] = ok["ms_graph"] / 2
+    assert any("ms_graph_p20 <= ms_graph <= ms_graph_p80" in p for p in report.validate(doc))
+    doc = json.loads(A.read_text())
+    for k in ("ms_graph", "ms_graph_p20", "ms_graph_p80"):
+        doc["rows"][2].pop(k)
+    assert any("neither ms_graph nor graph_reason" in p for p in report.validate(doc))
+    doc["rows"][2]["graph_reason"] = "capture failed: x"
+    doc["rows"][2]["timing_basis"] = "do_bench"
+    assert report.validate(doc) == []
+    # schema 1 files (before graph timings) still load: no ms_graph, no graph_reason
+    old = json.loads(A.read_text())
+    old["schema"] = "gpt2-kernel-lab/bench/1"
+    for r in old["rows"]:
+        for k in ("ms_graph", "ms_graph_p20", "ms_graph_p80", "graph", "graph_reason", "timing_basis"):
+            r.pop(k, None)
+    assert report.validate(old) == []
+
+
+def test_compare_uses_graph_times_when_both_runs_have_them():
+    a, b = report.load(A), report.load(B)
+    ln_b = b["rows"][2]  # layer_norm fwd triton: 10% slower in do_bench's ms
+    assert ln_b["provider"] == "triton" and ln_b["ms"] / a["rows"][2]["ms"] > 1.05
+    ln_b.update(ms_graph=a["rows"][2]["ms_graph"], ms_graph_p20=a["rows"][2]["ms_graph_p20"],
+                ms_graph_p80=a["rows"][2]["ms_graph_p80"])  # ... but the same on the device
+    text, flagged = report.compare(a, b)
+    assert not any(f.startswith("layer_norm") for f in flagged), flagged
+    assert "| layer_norm | bf16 N=16384 C=768 | fwd | triton | graph |" in text
+    assert "| gelu | bf16 N=16384 C=3072 | fwd | compile | do_bench |" in text  # no graph time in A or B
+    for k in ("ms_graph", "ms_graph_p20", "ms_graph_p80"):
+        ln_b.pop(k)  # one side without a graph time: both fall back to do_bench
+    _, flagged = report.compare(a, b)
+    assert any(f.startswith("layer_norm") and "do_bench" in f for f in flagged), flagged
+
+
 def test_markdown_and_plots(tmp_path):
     doc = report.load(A)
     md = report.markdown(doc)
     assert "NVIDIA H100" in md and "| fwd | triton | 0.020" in md and "eager 2.00x, compile 1.25x" in md
+    assert "ms_graph" in md and "| 0.012 [0.012, 0.012] |" in md  # layer_norm triton's graph time
+    assert "compile 1.07x*" in md  # gelu: compile could not be captured, so that speedup is do_bench's
     assert "unavailable: RuntimeError: cuDNN" in md  # a provider that can't run is listed, not dropped
     paths = report.plots(doc, str(tmp_path / "r"))
     assert [Path(p).name for p in paths] == ["r_speedup.png", "r_roofline.png"]
@@ -189,6 +230,193 @@ def test_io_audit_unique_bytes_at_the_floor(audit_rows, name):
         f"({row['unique_ratio']:.3f}x): a hidden intermediate buffer or an extra pass; per tensor: {row['per_tensor']}")
 
 
+# ---- the GPU pipeline on a CPU stand-in --------------------------------------------------------
+
+class CpuClock:
+    """run.CudaClock's methods on the CPU (perf_counter for events; a "graph" is the Python body, run
+    once under `capturing` at capture and again at each replay), to run run_gpu without a GPU."""
+    device = "cpu"
+    l2_bytes = 4096  # tiny: the 7 x 32 fp32 inputs below "fit in L2", so graphs rotate input copies
+
+    def __init__(self):
+        self.capturing = False
+
+    def sync(self):
+        pass
+
+    def interval(self):
+        t = {}
+        return (lambda: t.setdefault("s", time.perf_counter()), lambda: t.setdefault("e", time.perf_counter()),
+                lambda: 1e3 * (t["e"] - t["s"]))
+
+    def flush_l2(self):
+        pass
+
+    def do_bench(self, fn, rep, grad_to_none):
+        times = []
+        while len(times) < 3 or sum(times) < rep:
+            for t in grad_to_none or []:
+                t.grad = None
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return run._quantiles(times)
+
+    def side_stream(self):
+        return None
+
+    def on(self, stream):
+        return contextlib.nullcontext()
+
+    def capture(self, body, stream):
+        self.capturing = True
+        try:
+            body()
+        except Exception as e:
+            raise run.GraphUnavailable(f"capture failed: {type(e).__name__}: {e}") from e
+        finally:
+            self.capturing = False
+        return body
+
+    def memory_allocated(self):
+        return 0
+
+    def reset_peak(self):
+        pass
+
+    def max_memory_allocated(self):
+        return 0
+
+    def free_bytes(self):
+        return 2**30
+
+    def empty_cache(self):
+        pass
+
+
+LIMITS = {"copy_gbps": 100.0, "matmul_tflops": 1.0, "how": "test"}
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """run_gpu on the CPU: tiny layer_norm / gelu benches, eager vs our triton (interpreter), and a
+    baseline that syncs the host (as an op that reads a loss with .item()): it cannot be captured."""
+    clock = CpuClock()
+
+    def syncing(op):
+        from kernels import reference
+
+        def f(*args, **kwargs):
+            if clock.capturing:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+            return getattr(reference, op)(*args, **kwargs)
+        return f
+    monkeypatch.setitem(specs.BASELINES, "syncs", ("test: syncs the host", syncing))
+    monkeypatch.setattr(specs, "BENCHES", [
+        specs.Bench("layer_norm", {"N": 7, "C": 32}, "float32", baselines=("eager", "syncs"), quick=True),
+        specs.Bench("gelu", {"N": 5, "C": 24}, "float32", modes=("fwd+bwd",), baselines=("eager",), quick=True)])
+    monkeypatch.setattr(run, "GRAPH_TARGET_MS", 1e-3)  # one call per graph (rounded up to the input copies)
+    monkeypatch.setattr(run, "GRAPH_MIN_REPLAYS", 2)
+    return clock
+
+
+def test_gpu_pipeline_with_graph_timings(fake_gpu, tmp_path, capsys):
+    args = run.parse_args(["--quick", "--rep", "1", "--out", str(tmp_path)])
+    assert run.run_gpu(args, clock=fake_gpu, limits=LIMITS) == 0
+    (path,) = tmp_path.glob("*_gpu.json")
+    doc = report.load(path)  # validates the schema
+    rows = {(r["op"], r["mode"], r["provider"]): r for r in doc["rows"]}
+    assert len(rows) == 3 * 3 + 2  # every provider and mode is a row
+    assert all(r["status"] == "ok" for r in rows.values()), [r.get("reason") for r in rows.values()]
+    for mode in ("fwd", "bwd", "fwd+bwd"):
+        ours, eager, syncs = (rows[("layer_norm", mode, p)] for p in ("triton", "eager", "syncs"))
+        for r in (ours, eager):
+            assert r["timing_basis"] == "graph" and r["ms_graph_p20"] <= r["ms_graph"] <= r["ms_graph_p80"]
+            k = r["graph"]["input_sets"]
+            assert k == (4 if mode == "fwd" else 2) and r["graph"]["calls"] % k == 0
+            assert r["gbps"] == pytest.approx(r["bytes"] / r["ms_graph"] / 1e6)  # the roofline uses the graph time
+        assert ours["speedup"]["eager"] == pytest.approx(eager["ms_graph"] / ours["ms_graph"])
+        if mode == "bwd":  # its forwards run before capture: the backwards alone capture fine
+            assert syncs["timing_basis"] == "graph" and ours["speedup_basis"]["syncs"] == "graph"
+            continue
+        # the syncing baseline keeps its do_bench row, says why it has no graph time
+        assert "ms_graph" not in syncs and "capture failed" in syncs["graph_reason"]
+        assert "operation not permitted when stream is capturing" in syncs["graph_reason"]
+        assert syncs["timing_basis"] == "do_bench" and syncs["gbps"] == pytest.approx(syncs["bytes"] / syncs["ms"] / 1e6)
+        assert ours["speedup_basis"] == {"eager": "graph", "syncs": "do_bench"}
+        assert ours["speedup"]["syncs"] == pytest.approx(syncs["ms"] / ours["ms"])
+    gelu = rows[("gelu", "fwd+bwd", "triton")]
+    assert gelu["timing_basis"] == "graph" and gelu["graph"]["input_sets"] == 4
+    assert doc["settings"]["graphs"] and "ms_graph" in doc["settings"]["timing"]
+    out = capsys.readouterr().out
+    assert "| ms (do_bench) | ms_graph |" in out and "- capture failed" in out
+    text, flagged = report.compare(doc, doc)
+    assert flagged == [] and "| graph |" in text
+    assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_gpu_pipeline_without_graphs(fake_gpu, tmp_path):
+    args = run.parse_args(["gelu", "--quick", "--rep", "1", "--no-graphs", "--out", str(tmp_path)])
+    assert run.run_gpu(args, clock=fake_gpu, limits=LIMITS) == 0
+    (path,) = tmp_path.glob("*_gpu.json")
+    rows = report.load(path)["rows"]
+    assert len(rows) == 2 and all(r["timing_basis"] == "do_bench" and "--no-graphs" in r["graph_reason"] for r in rows)
+
+
+def test_input_sets_rotate_only_what_fits_in_l2():
+    ln = next(b for b in specs.BENCHES if b.op == "layer_norm" and b.dtype == "bfloat16")
+    ce = next(b for b in specs.BENCHES if b.op == "cross_entropy")
+    l2 = 50 * 2**20
+    assert run.input_sets(ln, "fwd", l2) == 3  # 50 MB moved per call: 2 x L2 = 105 MB between reuses
+    assert run.input_sets(ln, "bwd", l2) == 1  # fwd+bwd's bytes: 126 MB between reuses already
+    assert run.input_sets(ce, "fwd+bwd", l2) == 1  # 3.3 GB of logits
+    tiny = specs.Bench("gelu", {"N": 1, "C": 8}, "float32")
+    assert run.input_sets(tiny, "fwd", l2) == run.MAX_INPUT_SETS
+
+
+# ---- --e2e: selection and incremental results ---------------------------------------------------
+
+def test_e2e_selection():
+    names = lambda argv: [n for n, _, _ in run.e2e_selected(run.parse_args(["--e2e", *argv]))]  # noqa: E731
+    assert names(["--quick"]) == ["torch", "triton", "triton,cross_entropy=cuda"]
+    assert names(["--e2e-filter", "^triton"]) == ["triton", "triton,cross_entropy=cuda", "triton --compile",
+                                                   "triton,cross_entropy=cuda --compile"]
+    assert names(["--quick", "--e2e-filter", "cuda"]) == ["triton,cross_entropy=cuda"]
+    assert "torch,layer_norm=triton" in names([])
+    args = run.parse_args(["--e2e"])
+    assert (args.e2e_steps, args.e2e_warmup, args.e2e_batch * args.e2e_seq) == (15, 5, 16384)
+
+
+def test_e2e_writes_its_json_after_every_run(monkeypatch, tmp_path, capsys):
+    import kernels
+
+    def get_ops(spec):
+        if "cuda" in spec:
+            raise kernels.BackendUnavailable("cross_entropy=cuda: no nvcc (test)")
+        return object()
+    monkeypatch.setattr(kernels, "get_ops", get_ops)
+    seen = []
+
+    def runner(spec, compiled, args, out):
+        files = list(tmp_path.glob("*_e2e.json"))
+        seen.append([r["name"] for r in json.loads(files[0].read_text())["e2e"]] if files else None)
+        if spec == "triton":
+            raise subprocess.TimeoutExpired("train", 1)  # a bug in the runner: recorded, later runs go on
+        return {"status": "ok", "tokens_per_sec": 1000.0, "mfu": 0.1, "peak_mem_bytes": 1, "loss": 9.0,
+                "steps": 15, "steps_measured": 10, "step_time_s": 1.0}
+    args = run.parse_args(["--e2e", "--out", str(tmp_path), "--e2e-filter", "^(torch|triton)$|cross_entropy=cuda$"])
+    assert run.run_e2e(args, runner=runner) == 0
+    assert seen == [None, ["torch"]]  # the file existed, with the finished runs, before the next one started
+    (path,) = tmp_path.glob("*_e2e.json")
+    doc = report.load(path)
+    assert [(r["name"], r["status"]) for r in doc["e2e"]] == [
+        ("torch", "ok"), ("triton", "error"), ("triton,cross_entropy=cuda", "unavailable"),
+        ("torch,cross_entropy=cuda", "unavailable"), ("torch,linear_cross_entropy=cuda", "unavailable")]
+    assert doc["settings"]["completed"] == 5 and doc["settings"]["planned"][0] == "torch"
+    assert not list(tmp_path.glob("*.tmp"))
+    assert run.run_e2e(run.parse_args(["--e2e", "--e2e-filter", "nothing-matches"]), runner=runner) == 2
+
+
 # ---- CPU mode and GPU runs ---------------------------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU mode is what runs without a GPU")
@@ -214,4 +442,7 @@ def test_gpu_quick_run(tmp_path):
     ours = [r for r in doc["rows"] if r["provider"] == "triton"]
     assert ours and all(r["status"] == "ok" for r in ours), [r.get("reason") for r in ours]
     assert all(r["speedup"] for r in ours)
+    # device-only times: our LayerNorm / GELU capture in a CUDA graph (no host sync), and the roofline uses them
+    assert all("ms_graph" in r and r["timing_basis"] == "graph" for r in ours), [r.get("graph_reason") for r in ours]
+    assert all(r["ms_graph"] <= 1.1 * r["ms"] for r in ours), [(r["mode"], r["ms"], r["ms_graph"]) for r in ours]
     assert len(list(tmp_path.glob("*.png"))) == 2

@@ -36,6 +36,15 @@ Bytes (floor, s bytes per element): forward reads q, k, v, writes o and the LSE:
   Forward intensity ~T/4 FLOPs per byte in bf16 (256 at T=1024): compute bound, unlike the other kernels.
   K/V tiles are re-read by every query tile of the same head, from L2.
 
+Eager calls: attention() runs the two ops' own Python implementations under a torch.autograd.Function
+  (_EAGER_FAST_PATH), not through the dispatcher (custom op -> autograd wrapper -> redispatch -> impl): same
+  kernels, bitwise the same results, fewer layers. Under torch.compile it calls gpt2k::attention_fwd.
+  Why it matters: at GPT-2 shapes the kernels are shorter than the CPU work around them. H100, B=16 H=12
+  T=1024 D=64 bf16, do_bench medians in one process: kernels fwd 95 us, bwd 310 us (delta 21, dK/dV 190,
+  dQ 99), but one fwd+bwd call (4 Triton launches, autograd) cost ~0.9-1.2 ms of CPU on that machine, so an
+  isolated fwd+bwd measures CPU time: 0.55-1.08 ms this way, 0.85-1.37 ms via the dispatcher (backward alone
+  0.31-0.58 vs 0.35-1.10 ms; noisy, CPU-bound). In a training step the CPU runs ahead and hides most of it.
+
 Test: pytest tests/test_attention.py (interpreter on CPU, real kernel and bf16 on a GPU).
 Benchmark: python bench/run.py (attention); static report: compile_specs() via kernels/_triton_utils.py.
 On a GPU each kernel is autotuned (configs and prune function below) per (next power of two of T, D, dtype);
@@ -304,9 +313,15 @@ def _attn_bwd_dq_kernel(
 # tile small enough for 2-4 pipeline stages in shared memory.
 # Every config here compiles for sm_80 and sm_90 without register spills at D=64 bf16 (tested); configs that
 # spilled on either (e.g. forward 128x64 with 4 warps, dK/dV 32x128 with 4 warps) were dropped.
-_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
-_DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3)]
-_DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+# Kernel medians on an H100 (B=16 H=12 T=1024 D=64 bf16, bench/attn_tune.py sweep of 63 configs, 2026-11-25):
+# forward 64x64 w4 s3 96 us, 128x64 w8 s3 102 us; dK/dV 32x64 w4 s4 189 us, 16x64 w4 s4 191 us (32x128 w8 265 us);
+# dQ 64x64 w4 s3 103 us, 64x32 w4 s3 106 us. 8 warps on 64-row tiles, and 2 stages, were the slow ones;
+# dK/dV 64x64 w4 (208 us) spills on sm_80. A fused dK/dV + dQ kernel (tutorial 06 style, equal work per
+# program) was slower: 322 us at best vs 292 us for the two kernels. Autotune picks at T = 1024 / 2048 / 4096:
+# forward 64x64 w4 s3; dK/dV 16x64 w4 s4 (32x64 w4 s4 at 4096); dQ 64x64 w4 s3.
+_FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (128, 64, 8, 4)]
+_DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)]
+_DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 4), (128, 64, 8, 4)]
 _PREPROCESS_BLOCK_M = 64
 
 # Without a GPU: one small config per kernel, uneven (BLOCK_M != BLOCK_N) so the interpreter exercises
@@ -485,8 +500,29 @@ def _backward(ctx, do, _dlse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The ops' own Python implementations under a plain autograd.Function: same kernels, same launches,
+    bitwise the same results, without the custom-op dispatch layers (their CPU cost, paid before the
+    first kernel of each call, is larger than the backward's kernels at GPT-2 shapes)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        o, lse = attention_fwd._init_fn(q, k, v)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        return attention_bwd._init_fn(do, *ctx.saved_tensors)
+
+
+_EAGER_FAST_PATH = True  # eager calls of attention() skip the dispatcher; torch.compile traces the ops
+
+
 def attention(q, k, v):
     """Same as kernels.reference.attention: causal softmax(q k^T / sqrt(D)) v for q, k, v (B, H, T, D)."""
+    if _EAGER_FAST_PATH and not torch.compiler.is_compiling():
+        return _EagerAttention.apply(q, k, v)
     return attention_fwd(q, k, v)[0]
 
 

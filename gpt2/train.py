@@ -1,0 +1,484 @@
+"""Train GPT-2 with a chosen kernel backend, on one device or many (DDP via torchrun).
+
+    python -m gpt2.train                                    # tiny preset on tiny Shakespeare, then a sample
+    python -m gpt2.train --kernels=torch --max-steps 50     # the PyTorch reference ops
+    torchrun --nproc_per_node=8 -m gpt2.train --model gpt2 --data data/edu10B ...   # see README
+
+Step s (1-based, the number of optimizer steps done) runs `accum` micro-batches per rank, with DDP
+gradient sync only on the last one; the loss stays on the device and is read once per step together
+with the grad norm (the only host sync). Then: LR (linear warmup, cosine decay to --min-lr), clip,
+AdamW from the backend (`model.ops.AdamW`, decay on 2-D weights only), and every --eval-every /
+--hellaswag-every / --sample-every / --checkpoint-every steps (0 = off) the evaluations and the
+checkpoint, always also at the last step.
+
+OUT/config.json (written at start): args, kernels, kernel_backends, world_size, grad_accum_steps,
+model_config, num_params, flops_per_token, peak_flops, device_name, torch_version, triton_version,
+resumed_from. OUT/log.jsonl: one JSON object per step with step, loss, lr, grad_norm, step_time_s,
+tokens_per_sec (global), mfu (fraction, null when the device's peak is unknown), peak_mem_bytes
+(null on CPU), and val_loss / hellaswag on the steps where they ran. OUT/ckpt_<step>.pt: model,
+optimizer, step, loader state, the RNG states of every rank, the config; written to a temp file and
+renamed, the last --keep-checkpoints kept. A non-finite loss or grad norm stops the run (exit 1)
+before anything is written for that step.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt2 import data as gdata
+from gpt2 import flops
+from gpt2.model import GPT, GPTConfig
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, bad arguments found late); the message says why."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m gpt2.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default="tiny", help=f"preset: {', '.join(GPTConfig.PRESETS)}")
+    a("--n-layer", type=int, default=None, help="override the preset's number of layers")
+    a("--n-head", type=int, default=None, help="override the preset's number of heads")
+    a("--n-embd", type=int, default=None, help="override the preset's width")
+    a("--block-size", type=int, default=None, help="override the preset's context length")
+    a("--init-from", default=None, help="a Hugging Face GPT-2 directory or hub name to fine-tune")
+    a("--data", default="shakespeare", help="'shakespeare' (built in), a .txt file, or a folder of *_train_*/*_val_* shards")
+    a("--kernels", default=None, help="kernel spec (kernels.get_ops); default: 'triton,cross_entropy=cuda' with a GPU, else 'torch'")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--device", default=None, help="cuda or cpu (default: cuda when visible); under torchrun cuda:LOCAL_RANK")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto: bfloat16 on GPU, float32 on CPU")
+    a("--batch-size", type=int, default=None, help="micro-batch per rank (default 16 on CPU, 64 on GPU)")
+    a("--seq-len", type=int, default=None, help="tokens per sequence (default: 64 on CPU, else the block size)")
+    a("--total-batch-size", type=int, default=None, help="tokens per optimizer step, all ranks (default: one micro-batch per rank)")
+    a("--max-steps", type=int, default=None, help="optimizer steps (default 300 on CPU, 2000 on GPU)")
+    a("--lr", type=float, default=None, help="max learning rate (default: 5e-3 for the tiny/small presets, else 6e-4)")
+    a("--min-lr", type=float, default=None, help="final learning rate of the cosine decay (default lr/10)")
+    a("--warmup-steps", type=int, default=None, help="linear warmup steps (default 5%% of max-steps)")
+    a("--weight-decay", type=float, default=0.1, help="AdamW decay, on 2-D weights only")
+    a("--beta1", type=float, default=0.9)
+    a("--beta2", type=float, default=0.95)
+    a("--grad-clip", type=float, default=1.0, help="clip the global grad norm to this (0: no clipping)")
+    a("--seed", type=int, default=1337)
+    a("--eval-every", type=int, default=100, help="val loss every N steps (0: off)")
+    a("--eval-tokens", type=int, default=32768, help="val tokens per evaluation (all ranks)")
+    a("--hellaswag-every", type=int, default=0, help="HellaSwag every N steps (0: off)")
+    a("--hellaswag-limit", type=int, default=None, help="HellaSwag examples per evaluation (default: all 10,042)")
+    a("--sample-every", type=int, default=0, help="print a sample every N steps (0: off)")
+    a("--sample-tokens", type=int, default=200, help="length of the samples, and of the one printed at the end (0: no sample)")
+    a("--sample-prompt", default="", help="text the samples continue (after <|endoftext|>)")
+    a("--top-k", type=int, default=50, help="sample from the k most likely tokens")
+    a("--checkpoint-every", type=int, default=200, help="checkpoint every N steps, and at the end (0: only at the end)")
+    a("--keep-checkpoints", type=int, default=3, help="how many of the latest checkpoints to keep")
+    a("--no-checkpoint", action="store_true", help="write no checkpoint at all")
+    a("--peak-flops", type=float, default=None, help="peak FLOP/s of one device for MFU (default: from gpt2/flops.py's table)")
+    a("--out", default=None, help="run folder (default runs/<model>-<data>-<time>)")
+    a("--resume", nargs="?", const="latest", default=None,
+      help="continue a run: alone, from the latest checkpoint of --out (or of the newest folder in runs/); or a checkpoint file or run folder")
+    a("--quiet", action="store_true", help="no per-step console line")
+    return p
+
+
+# ---- setup helpers ------------------------------------------------------------------------------
+
+def setup_distributed(device_arg):
+    """(rank, local_rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE."""
+    cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
+    if "RANK" not in os.environ:
+        return 0, 0, 1, torch.device(device_arg or ("cuda" if cuda else "cpu"))
+    import torch.distributed as dist
+
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if cuda:
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, local_rank, world, device
+
+
+def resolve_defaults(args, device):
+    gpu = device.type == "cuda"
+    if args.kernels is None:
+        args.kernels = "triton,cross_entropy=cuda" if gpu else "torch"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if gpu else "float32"
+    if args.batch_size is None:
+        args.batch_size = 64 if gpu else 16
+    if args.max_steps is None:
+        args.max_steps = 2000 if gpu else 300
+    if args.lr is None:
+        args.lr = 5e-3 if args.model in ("tiny", "small") and not args.init_from else 6e-4
+    if args.min_lr is None:
+        args.min_lr = args.lr / 10
+    if args.warmup_steps is None:
+        args.warmup_steps = max(1, args.max_steps // 20)
+    for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_steps", "sample_tokens", "eval_tokens"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+
+
+def lr_at(step, args):
+    """LR of optimizer step `step` (0-based): linear warmup to --lr, cosine decay to --min-lr at --max-steps."""
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def build_optimizer(model, args):
+    """The backend's AdamW (model.ops.AdamW); weight decay on 2-D weights (matmuls, embeddings) only,
+    none on biases and LayerNorm gains."""
+    params = list(model.parameters())  # the tied wte / lm_head weight once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return model.ops.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8, weight_decay=args.weight_decay)
+
+
+def checkpoints(out):
+    return sorted(Path(out).glob("ckpt_*.pt"))
+
+
+def find_resume(resume, out):
+    """(checkpoint path, run folder) for --resume."""
+    if resume != "latest":
+        path = Path(resume)
+        if path.is_file():
+            return path, Path(out) if out else path.parent
+        if path.is_dir():
+            out, resume = out or path, "latest"
+            ckpts = checkpoints(path)
+            if not ckpts:
+                raise FileNotFoundError(f"--resume {path}: no ckpt_*.pt in that folder")
+            return ckpts[-1], Path(out)
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint file or run folder")
+    if out is None:
+        runs = sorted((d for d in Path("runs").glob("*") if checkpoints(d)), key=lambda d: checkpoints(d)[-1].stat().st_mtime)
+        if not runs:
+            raise FileNotFoundError("--resume: no run folder with checkpoints under runs/; pass --out or a checkpoint path")
+        out = runs[-1]
+    ckpts = checkpoints(out)
+    if not ckpts:
+        raise FileNotFoundError(f"--resume: no ckpt_*.pt in {out}")
+    return ckpts[-1], Path(out)
+
+
+def rng_state(device):
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(out, step, state, keep):
+    """Atomically write OUT/ckpt_<step>.pt (temp file, fsync, rename), then drop all but the last `keep`."""
+    path = Path(out) / f"ckpt_{step:07d}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in checkpoints(out)[:-keep] if keep > 0 else []:
+        old.unlink()
+    return path
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _versions():
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # triton is optional on CPU-only installs
+        triton_version = None
+    return torch.__version__, triton_version
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+def train(args):
+    """Run training; returns the list of logged step records (rank 0; other ranks get [])."""
+    rank, local_rank, world, device = setup_distributed(args.device)
+    try:
+        return _train(args, rank, world, device)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, rank, world, device):
+    master = rank == 0
+    resolve_defaults(args, device)
+    say = print if master else (lambda *a, **k: None)
+    say(f"kernels: {args.kernels}   device: {device_name(device)} x {world}   dtype: {args.dtype}")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls
+    dtype = getattr(torch, args.dtype)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+    # Fail early on what would only fail at the end (sample) or at the first evaluation.
+    if (args.sample_tokens > 0 or args.sample_every > 0) and not hasattr(GPT, "generate"):
+        raise TrainingError("sampling needs GPT.generate (gpt2/model.py), which is missing; pass --sample-tokens 0 to train without samples")
+    if args.hellaswag_every > 0:
+        from gpt2.hellaswag import evaluate as hellaswag_evaluate  # noqa: F401  (import errors surface now)
+
+    # Run folder and checkpoint to resume from.
+    ckpt, resumed_from = None, None
+    if args.resume:
+        ckpt_path, out = find_resume(args.resume, args.out)
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        resumed_from = str(ckpt_path)
+        say(f"resuming from {ckpt_path} (step {ckpt['step']})")
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        data_name = Path(str(args.data)).stem if args.data != "shakespeare" else "shakespeare"
+        out = Path(args.out or f"runs/{args.model}-{data_name}-{stamp}")
+        if master and ((out / "log.jsonl").exists() or checkpoints(out)):
+            raise TrainingError(f"{out} already holds a run; pass --resume to continue it, or another --out")
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # Model.
+    torch.manual_seed(args.seed)
+    if ckpt is not None:
+        config = GPTConfig(**ckpt["config"])
+        model = GPT(config, kernels=args.kernels)
+    elif args.init_from:
+        model = GPT.from_pretrained(args.init_from, kernels=args.kernels)
+        config = model.config
+    else:
+        overrides = {k: v for k, v in (("n_layer", args.n_layer), ("n_head", args.n_head), ("n_embd", args.n_embd),
+                                       ("block_size", args.block_size)) if v is not None}
+        config = GPTConfig.preset(args.model, **overrides)
+        model = GPT(config, kernels=args.kernels)
+    if args.seq_len is None:
+        args.seq_len = min(64, config.block_size) if device.type == "cpu" else config.block_size
+    if args.seq_len > config.block_size:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's block size {config.block_size}")
+    B, T = args.batch_size, args.seq_len
+    per_micro = B * T * world
+    if args.total_batch_size is None:
+        args.total_batch_size = per_micro
+    if args.total_batch_size % per_micro:
+        raise ValueError(f"--total-batch-size {args.total_batch_size} is not a multiple of batch-size x seq-len x world-size "
+                         f"= {B} x {T} x {world} = {per_micro}")
+    accum = args.total_batch_size // per_micro
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    model.to(device)
+    raw = model
+
+    optimizer = build_optimizer(raw, args)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+
+    # Data.
+    train_loader = gdata.make_loader(args.data, "train", B, T, rank, world, args.seed, config.vocab_size)
+    val_loader = gdata.make_loader(args.data, "val", B, T, rank, world, args.seed, config.vocab_size) if args.eval_every else None
+    if ckpt is not None:
+        train_loader.load_state_dict(ckpt["loader"])
+    eval_steps = 0
+    if val_loader is not None:
+        eval_steps = max(1, min(args.eval_tokens // per_micro, val_loader.steps_per_epoch))
+
+    if args.compile:
+        model = torch.compile(model)
+    evaluator = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    start = ckpt["step"] if ckpt is not None else 0
+    if ckpt is not None:
+        states = ckpt["rng"]
+        if len(states) != world:
+            say(f"note: checkpoint has RNG states of {len(states)} rank(s), this run has {world}")
+        set_rng_state(states[rank % len(states)], device)
+    del ckpt
+
+    fpt = flops.flops_per_token(config, T)
+    peak = args.peak_flops or (flops.peak_flops(device_name(device), args.dtype) if device.type == "cuda" else None)
+    if master:
+        torch_version, triton_version = _versions()
+        meta = {"args": vars(args), "kernels": args.kernels, "kernel_backends": raw.ops.backends, "world_size": world,
+                "grad_accum_steps": accum, "model_config": config.to_dict(), "num_params": raw.num_params(),
+                "flops_per_token": fpt, "peak_flops": peak, "device_name": device_name(device),
+                "torch_version": torch_version, "triton_version": triton_version, "resumed_from": resumed_from}
+        (out / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        _trim_log(out / "log.jsonl", start)
+        say(f"model: {raw.num_params():,} params {config}\nout: {out}   steps {start}..{args.max_steps}   "
+            f"{args.total_batch_size:,} tokens/step = {B} x {T} x {world} rank(s) x {accum} accum   "
+            f"{fpt / 1e9:.3f} GFLOP/token   peak {'unknown' if not peak else f'{peak / 1e12:.0f} TFLOP/s'}")
+        if val_loader is not None and eval_steps * per_micro < args.eval_tokens:
+            say(f"note: val split holds {val_loader.steps_per_epoch * per_micro:,} tokens per pass; evaluating on those")
+
+    log = []
+    last_ckpt = checkpoints(out)[-1] if master and checkpoints(out) else None
+    enc = None
+    model.train()
+    for step in range(start, args.max_steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            x, y = _to_device(train_loader.next_batch(), device)
+            sync = micro == accum - 1
+            with (model.no_sync() if world > 1 and not sync else contextlib.nullcontext()), autocast:
+                _, loss = model(x, y)
+            loss = loss.float() / accum
+            loss_sum += loss.detach()
+            loss.backward()
+        if world > 1:
+            torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+        norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value, norm_value = torch.stack([loss_sum, norm.float()]).tolist()  # the one host sync per step
+        dt = time.perf_counter() - t0
+        done = step + 1
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written before it"
+            raise TrainingError(f"step {done}: loss {loss_value}, grad norm {norm_value}: not finite; stopping "
+                                f"({where}; nothing was saved for step {done})")
+        tps = args.total_batch_size / dt
+        record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": norm_value, "step_time_s": dt,
+                  "tokens_per_sec": tps, "mfu": flops.mfu(tps, fpt, peak, world),
+                  "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+        last = done == args.max_steps
+        if val_loader is not None and (done % args.eval_every == 0 or last):
+            record["val_loss"] = evaluate_loss(evaluator, val_loader, eval_steps, device, autocast, world)
+        if args.hellaswag_every and (done % args.hellaswag_every == 0 or last):
+            from gpt2.hellaswag import evaluate as hellaswag_evaluate
+
+            evaluator.eval()
+            with autocast:
+                record["hellaswag"] = hellaswag_evaluate(raw, limit=args.hellaswag_limit, device=device, rank=rank, world_size=world)
+            evaluator.train()
+        if master:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.append(record)
+            if not args.quiet:
+                say(_console_line(record, args.max_steps))
+        if args.sample_tokens and args.sample_every and done % args.sample_every == 0 and not last and master:
+            enc = enc or _encoding()
+            say(f"--- sample at step {done} ---\n{sample(raw, enc, args, device, autocast)}")
+        if not args.no_checkpoint and ((args.checkpoint_every and done % args.checkpoint_every == 0) or last):
+            states = [rng_state(device)]
+            if world > 1:
+                states = [None] * world
+                torch.distributed.all_gather_object(states, rng_state(device))
+            if master:
+                state = {"model": raw.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                         "loader": train_loader.state_dict(), "rng": states, "config": config.to_dict(),
+                         "args": vars(args), "kernels": args.kernels, "world_size": world}
+                last_ckpt = save_checkpoint(out, done, state, args.keep_checkpoints)
+    if master and args.sample_tokens:
+        enc = enc or _encoding()
+        text = sample(raw, enc, args, device, autocast)
+        (out / "sample.txt").write_text(text + "\n")
+        say(f"--- sample after {args.max_steps} steps ---\n{text}")
+    return log
+
+
+def _to_device(batch, device):
+    if device.type == "cuda":  # pinned host memory + async copy: the copy overlaps the previous micro-step
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in batch)
+    return batch
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader, steps, device, autocast, world):
+    """Mean loss over the first `steps` val micro-batches of every rank (the same batches each time)."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = _to_device(loader.next_batch(), device)
+        with autocast:
+            _, loss = model(x, y)
+        total += loss.float()
+    total /= steps
+    if world > 1:
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.AVG)
+    model.train()
+    return total.item()
+
+
+def _encoding():
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+@torch.no_grad()
+def sample(raw, enc, args, device, autocast):
+    """Text the model writes after <|endoftext|> + --sample-prompt (seeded, so runs are comparable)."""
+    raw.eval()
+    prompt = [gdata.EOT] + enc.encode(args.sample_prompt)
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    with autocast:
+        out = raw.generate(idx, args.sample_tokens, temperature=1.0, top_k=args.top_k, generator=generator)
+    raw.train()
+    return enc.decode(out[0, 1:].tolist())
+
+
+def _trim_log(path, step):
+    """On resume, drop log lines of steps after the checkpoint (they will be run again)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def _console_line(r, max_steps):
+    parts = [f"step {r['step']:>5}/{max_steps}", f"loss {r['loss']:.4f}", f"lr {r['lr']:.2e}", f"norm {r['grad_norm']:.3f}",
+             f"{r['step_time_s'] * 1000:.0f} ms", f"{r['tokens_per_sec']:,.0f} tok/s"]
+    if r["mfu"] is not None:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    if r["peak_mem_bytes"] is not None:
+        parts.append(f"mem {r['peak_mem_bytes'] / 2**30:.1f} GiB")
+    if "val_loss" in r:
+        parts.append(f"val {r['val_loss']:.4f}")
+    if "hellaswag" in r:
+        parts.append(f"hellaswag {r['hellaswag'].get('acc_norm', float('nan')):.4f}")
+    return " | ".join(parts)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return train(args)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""gpt2/data.py: shard format and its checks, the loader's order, DDP split and resumable state."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from gpt2 import data as D
+
+
+def shard(tmp_path, tokens, name="d_train_000000.bin"):
+    path = tmp_path / name
+    D.write_shard(path, np.asarray(tokens))
+    return path
+
+
+def batches(loader, n):
+    return [loader.next_batch() for _ in range(n)]
+
+
+def rows(batch_list):
+    """The set of x rows (as tuples) in a list of batches."""
+    return {tuple(r.tolist()) for x, _ in batch_list for r in x}
+
+
+# ---- shard files -------------------------------------------------------------------------------
+
+def test_round_trip(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 50257, size=1001)
+    path = shard(tmp_path, tokens)
+    assert os.path.getsize(path) == D.HEADER_BYTES + 2 * 1001
+    assert D.read_header(path) == 1001
+    np.testing.assert_array_equal(D.read_shard(path), tokens)
+    assert not list(tmp_path.glob("*.tmp"))  # atomic write leaves no temp file
+
+
+def test_write_rejects_ids_beyond_uint16(tmp_path):
+    with pytest.raises(ValueError, match="uint16"):
+        D.write_shard(tmp_path / "x.bin", np.array([1, 70000]))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b"NOTSHARD" + b[8:], "bad magic"),
+    (lambda b: b[:8] + (2).to_bytes(4, "little") + b[12:], "version 2"),
+    (lambda b: b[:-3], "truncated"),
+    (lambda b: b + b"\0\0", "trailing bytes"),
+    (lambda b: b[:10], "shorter than"),
+    (lambda b: b"", "shorter than"),
+])
+def test_bad_files_name_the_file(tmp_path, damage, message):
+    path = shard(tmp_path, np.arange(100))
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(D.ShardError, match=message) as e:
+        D.read_header(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(D.ShardError):  # the loader refuses it at construction, before training
+        D.make_loader(str(tmp_path), "train", 2, 4)
+
+
+def test_out_of_range_token_names_file_and_position(tmp_path):
+    tokens = np.arange(400) % 1000
+    tokens[123] = 50257  # == vocab size: invalid for GPT-2
+    path = shard(tmp_path, tokens)
+    loader = D.make_loader(str(tmp_path), "train", 2, 8, vocab_size=50257)
+    with pytest.raises(D.ShardError, match="token id 50257 at position 123") as e:
+        loader.next_batch()
+    assert str(path) in str(e.value)
+    D.make_loader(str(tmp_path), "train", 2, 8, vocab_size=50258).next_batch()  # fine for a bigger vocab
+
+
+def test_dataset_smaller_than_one_batch(tmp_path):
+    path = shard(tmp_path, np.arange(4 * 8))  # 3 full sequences of 8+1 tokens, batch needs 4
+    with pytest.raises(D.ShardError, match="fewer than one batch") as e:
+        D.make_loader(str(tmp_path), "train", 4, 8)
+    assert str(path) in str(e.value)
+    D.make_loader(str(tmp_path), "train", 3, 8)  # exactly one batch fits
+    with pytest.raises(D.ShardError, match="2 rank"):
+        D.make_loader(str(tmp_path), "train", 3, 8, rank=0, world_size=2)
+
+
+def test_missing_split(tmp_path):
+    shard(tmp_path, np.arange(100))
+    with pytest.raises(D.ShardError, match=r"no \*_val_\*.bin"):
+        D.make_loader(str(tmp_path), "val", 2, 4)
+
+
+# ---- loader order --------------------------------------------------------------------------------
+
+@pytest.fixture
+def two_shards(tmp_path):
+    """Two train shards with distinct token values, so every sequence is identifiable."""
+    shard(tmp_path, np.arange(0, 8 * 25 + 1), "d_train_000000.bin")  # 25 sequences of 8
+    shard(tmp_path, np.arange(1000, 1000 + 8 * 14 + 5), "d_train_000001.bin")  # 14 sequences
+    return str(tmp_path)
+
+
+def test_batches_are_shifted_windows_and_an_epoch_covers_every_sequence_once(two_shards):
+    loader = D.make_loader(two_shards, "train", 3, 8, seed=1)
+    assert loader.steps_per_epoch == 39 // 3
+    epoch = batches(loader, loader.steps_per_epoch)
+    for x, y in epoch:
+        assert x.dtype == torch.int64 and x.shape == (3, 8)
+        assert torch.equal(y[:, :-1], x[:, 1:]) and torch.equal(y[:, -1], x[:, -1] + 1)
+        assert torch.equal(x, x[:, :1] + torch.arange(8))  # a contiguous window of the shard
+    starts = sorted(int(r[0]) for x, _ in epoch for r in x)
+    expected = sorted([8 * i for i in range(25)] + [1000 + 8 * i for i in range(14)])
+    assert set(starts) <= set(expected) and len(set(starts)) == len(starts) == 39
+    assert loader.epoch == 0
+    nxt = batches(loader, loader.steps_per_epoch)  # the second epoch: a new order of the same sequences
+    assert loader.epoch == 1
+    assert rows(nxt) == rows(epoch) and [x.tolist() for x, _ in nxt] != [x.tolist() for x, _ in epoch]
+
+
+def test_shuffle_is_seeded_and_val_is_in_order(two_shards, tmp_path):
+    a = batches(D.make_loader(two_shards, "train", 2, 8, seed=5), 6)
+    b = batches(D.make_loader(two_shards, "train", 2, 8, seed=5), 6)
+    c = batches(D.make_loader(two_shards, "train", 2, 8, seed=6), 6)
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, c))
+    os.rename(tmp_path / "d_train_000000.bin", tmp_path / "d_val_000000.bin")
+    val = D.make_loader(two_shards, "val", 2, 8)
+    assert [int(x[0, 0]) for x, _ in batches(val, 3)] == [0, 16, 32]
+
+
+def test_ddp_ranks_are_disjoint_and_match_one_process(two_shards):
+    world = 3
+    single = batches(D.make_loader(two_shards, "train", 2, 8, seed=3), 18)
+    ranks = [batches(D.make_loader(two_shards, "train", 2, 8, rank=r, world_size=world, seed=3), 6) for r in range(world)]
+    for r in range(world):
+        for s in range(r + 1, world):
+            assert not rows(ranks[r]) & rows(ranks[s])
+    # rank r's i-th batch is the single process's batch i * world + r: W ranks == W-fold accumulation
+    for r in range(world):
+        for i in range(6):
+            assert torch.equal(ranks[r][i][0], single[i * world + r][0])
+
+
+def test_state_resume_is_exact_across_epochs_and_world_sizes(two_shards):
+    ref = D.make_loader(two_shards, "train", 2, 8, seed=7)
+    expected = batches(ref, 45)  # 19 batches per epoch: crosses two epoch ends
+    first = D.make_loader(two_shards, "train", 2, 8, seed=7)
+    batches(first, 17)
+    state = first.state_dict()
+    resumed = D.make_loader(two_shards, "train", 2, 8, seed=7)
+    resumed.load_state_dict(state)
+    got = batches(resumed, 28)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, expected[17:]))
+    # a checkpoint from 1 process continued by 2 ranks: together they read the same next batches
+    pair = [D.make_loader(two_shards, "train", 2, 8, rank=r, world_size=2, seed=7) for r in range(2)]
+    for loader in pair:
+        loader.load_state_dict(state)
+    r0, r1 = batches(pair[0], 1)[0], batches(pair[1], 1)[0]
+    assert torch.equal(r0[0], expected[17][0]) and torch.equal(r1[0], expected[18][0])
+
+
+def test_state_from_another_dataset_is_refused(two_shards):
+    state = D.make_loader(two_shards, "train", 2, 8).state_dict()
+    with pytest.raises(ValueError, match="seq_len"):
+        D.make_loader(two_shards, "train", 2, 4).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        D.make_loader(two_shards, "train", 2, 8, seed=9).load_state_dict(state)
+
+
+# ---- preparing data ----------------------------------------------------------------------------
+
+def test_text_prep_and_txt_on_the_fly(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("First doc.\n\nSecond doc,\nstill second.\n\n\nThird.\n")
+    b.write_text("Another file.")
+    one_per_file = D.prepare_text([a, b], tmp_path / "files", val_fraction=0.25)
+    tokens = np.concatenate([D.read_shard(p) for p in one_per_file])
+    assert (tokens == D.EOT).sum() == 2 and tokens[0] == D.EOT
+    assert [p.name for p in one_per_file] == ["text_train_000000.bin", "text_val_000000.bin"]
+    assert len(D.read_shard(one_per_file[1])) == round(0.25 * len(tokens))
+    paras = D.prepare_text([a, b], tmp_path / "paras", blank_lines=True, shard_tokens=7)
+    tokens = np.concatenate([D.read_shard(p) for p in paras])
+    assert (tokens == D.EOT).sum() == 4  # 3 paragraphs + 1 file
+    assert max(len(D.read_shard(p)) for p in paras) == 7 and len(paras) > 3
+    enc = D._encoder()
+    assert enc.decode(tokens[1:].tolist()).startswith("First doc.<|endoftext|>Second doc,\nstill second.<|endoftext|>Third.")
+    # a .txt given to the loader directly: same tokens, the last 10% as val
+    txt = D.resolve_sources(str(a), "train")[0].tokens(50257)
+    val = D.resolve_sources(str(a), "val")[0].tokens(50257)
+    np.testing.assert_array_equal(np.concatenate([txt, val]), D.tokenize_documents([a.read_text()]))
+
+
+def test_document_shards_first_is_val(tmp_path):
+    texts = [f"document number {i} " * 5 for i in range(40)]
+    paths = D.prepare_documents(iter(texts), tmp_path, "edu", shard_tokens=100, max_shards=3, workers=1)
+    assert [p.name for p in paths] == ["edu_val_000000.bin", "edu_train_000001.bin", "edu_train_000002.bin"]
+    tokens = np.concatenate([D.read_shard(p) for p in paths])
+    assert len(tokens) == 300 and tokens[0] == D.EOT
+    np.testing.assert_array_equal(tokens, D.tokenize_documents(texts)[:300])
+
+
+def test_shakespeare_from_cache_folder(tmp_path, monkeypatch):
+    src = os.path.join(os.environ.get("GPT2_DATA_CACHE", ""), "corpus", "tinyshakespeare.txt")
+    if not os.path.isfile(src):
+        pytest.skip("offline tiny Shakespeare not present (set GPT2_DATA_CACHE)")
+    for layout in ("flat", "corpus"):
+        cache = tmp_path / layout
+        target = cache / "tinyshakespeare.txt" if layout == "flat" else cache / "corpus" / "tinyshakespeare.txt"
+        target.parent.mkdir(parents=True)
+        target.write_text("ROMEO: hi\n")
+        monkeypatch.setenv("GPT2_DATA_CACHE", str(cache))
+        assert D.shakespeare_path() == str(target)
+    monkeypatch.setenv("GPT2_DATA_CACHE", os.path.dirname(os.path.dirname(src)))
+    paths = D.prepare_text([D.shakespeare_path()], tmp_path / "shk", "shakespeare")
+    n = [D.read_header(p) for p in paths]
+    assert sum(n) == 338025 + 1 and n[1] == round(0.1 * sum(n))  # + the leading <|endoftext|>

@@ -67,9 +67,9 @@ def environment():
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        env["git_commit"] = (commit + ("+dirty" if dirty else "")) or "unknown"
+        env["git_commit"] = (commit + ("+dirty" if dirty else "")) or os.environ.get("BENCH_GIT_COMMIT", "unknown")
     except OSError:
-        env["git_commit"] = "unknown"
+        env["git_commit"] = os.environ.get("BENCH_GIT_COMMIT", "unknown")  # a copied tree without .git
     return env
 
 

@@ -255,7 +255,7 @@ def _train(args, rank, world, device):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         data_name = Path(str(args.data)).stem if args.data != "shakespeare" else "shakespeare"
         out = Path(args.out or f"runs/{args.model}-{data_name}-{stamp}")
-        if master and ((out / "log.jsonl").exists() or checkpoints(out)):
+        if (out / "log.jsonl").exists() or checkpoints(out):  # every rank checks: none may hang waiting for rank 0
             raise TrainingError(f"{out} already holds a run; pass --resume to continue it, or another --out")
     if master:
         out.mkdir(parents=True, exist_ok=True)

@@ -182,6 +182,18 @@ def test_kernels_spec_trains_like_torch(spec, torch_curve, text, tmp_path):
     assert curve(log, "grad_norm") == pytest.approx(curve(torch_curve, "grad_norm"), rel=1e-3, abs=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_default_kernels_bf16(torch_curve, text, tmp_path):
+    """On a GPU: the default spec (triton,cross_entropy=cuda) under bf16 autocast trains like torch's fp32
+    curve within bf16 tolerance, and reports peak memory (and MFU where the GPU is in the table)."""
+    log = train.main(args(text, tmp_path / "gpu", "--eval-every", "0", "--no-checkpoint", "--total-batch-size", "64",
+                          "--device", "cuda", "--dtype", "bfloat16", "--kernels", "triton,cross_entropy=cuda", steps=3))
+    assert curve(log) == pytest.approx(curve(torch_curve), rel=2e-2, abs=2e-2)
+    assert all(r["peak_mem_bytes"] > 0 for r in log)
+    known = flops.peak_flops(torch.cuda.get_device_name(), "bfloat16") is not None
+    assert all((r["mfu"] is not None) == known for r in log)
+
+
 # ---- learning --------------------------------------------------------------------------------------
 
 def test_tiny_learns_shakespeare_below_unigram(tmp_path):

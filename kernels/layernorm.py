@@ -56,9 +56,12 @@ def _layer_norm_fwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=1) / C
+    # IEEE-rounded division and sqrt (Triton's `/` and tl.sqrt are ~2-ulp approximations on a GPU): with
+    # rstd up to 1/sqrt(eps) ~ 316, an ulp in the mean shows up as 1e-5 in dx (seen at C = 1 on an H100).
+    Cf = C * 1.0  # works whether C is a runtime int or specialized to constexpr 1
+    mean = tl.div_rn(tl.sum(x, axis=1), Cf)
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(tl.sum(xc * xc, axis=1), Cf) + eps))
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     y = xc * rstd[:, None] * w[None, :] + b[None, :]
@@ -103,8 +106,8 @@ def _layer_norm_bwd_kernel(
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * w[None, :]
-        c1 = tl.sum(xhat * g, axis=1) / C
-        c2 = tl.sum(g, axis=1) / C
+        c1 = tl.div_rn(tl.sum(xhat * g, axis=1), C * 1.0)
+        c2 = tl.div_rn(tl.sum(g, axis=1), C * 1.0)
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
         tl.store(dx_ptr + rows64 * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat

@@ -439,6 +439,9 @@ def run_gpu(args, clock=None, limits=None):
     doc = {"schema": report.SCHEMA, "kind": "gpu", "env": env, "limits": limits, "rows": rows,
            "settings": {"warmup_ms": 25, "rep_ms": args.rep, "quantiles": [0.5, 0.2, 0.8], "quick": args.quick,
                         "timing": TIMING_NOTE, "graphs": not args.no_graphs, "l2_bytes": clock.l2_bytes}}
+    if clock.__class__ is CudaClock and not args.ops:  # all ops asked for: decode throughput too
+        doc["decode"] = decode_rows("cuda", args.quick)
+        _print_decode(doc["decode"])
     _finish(doc, args, "gpu")
     return 0
 
@@ -451,6 +454,43 @@ TIMING_NOTE = (
     "inputs rotate among `graph.input_sets` copies so >= 2x L2 moves between reuses (no flush inside "
     "the graph); bwd captures only the backwards of forwards run before capture. GB/s, TFLOP/s, "
     "% of limit and speedups use ms_graph when the row has it (timing_basis), else ms.")
+
+
+def decode_rows(device, quick, models=("tiny", "gpt2")):
+    """Generation throughput with the KV cache (gpt2.generate.decode_tokens_per_sec): new tokens/s at
+    batch 1 and 16, random weights, top-k 50 sampling, prefill of a 16-token prompt included."""
+    import torch
+
+    from gpt2.generate import decode_tokens_per_sec
+    from gpt2.model import GPT, GPTConfig
+
+    rows = []
+    new_tokens = 16 if device == "cpu" or quick else 128
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else None
+    for name in models:
+        try:
+            model = GPT(GPTConfig.preset(name)).to(device).eval()
+        except Exception as e:
+            rows.append({"model": name, "status": "error", "reason": f"{type(e).__name__}: {e}"})
+            continue
+        for batch in (1, 16):
+            row = {"model": name, "batch": batch, "new_tokens": new_tokens, "device": device}
+            try:
+                with torch.no_grad():
+                    row["tokens_per_sec"] = decode_tokens_per_sec(model, batch, new_tokens, autocast=autocast)
+                row["status"] = "ok"
+            except Exception as e:  # listed, never dropped
+                row.update(status="error", reason=f"{type(e).__name__}: {e}"[:500])
+            rows.append(row)
+        del model
+    return rows
+
+
+def _print_decode(rows):
+    print("\n**decode** (KV cache, new tokens/s over all rows)\n\n| model | batch | new tokens | tokens/s |\n|---|---|---|---|")
+    for r in rows:
+        val = f"{r['tokens_per_sec']:,.0f}" if r["status"] == "ok" else f"{r['status']}: {r['reason'][:120]}"
+        print(f"| {r['model']} | {r.get('batch', '-')} | {r.get('new_tokens', '-')} | {val} |")
 
 
 def _metrics(b, mode, res, limits):
@@ -813,6 +853,11 @@ def run_cpu(args):
     with tempfile.TemporaryDirectory() as d:
         r = train_run("torch", False, ns, Path(d) / "tiny", model="tiny")
     rows.append({"what": f"gpt2.train tiny B=4 T=128 {ns.e2e_steps} steps (first {ns.e2e_warmup} excluded)", "provider": "torch", **r})
+    # 4. Decode throughput with the KV cache (tiny and 124M, random weights).
+    for d in decode_rows("cpu", args.quick):
+        what = f"decode {d['model']} B={d.get('batch', '-')} {d.get('new_tokens', '-')} new tokens (KV cache)"
+        extra = {"tokens_per_sec": d["tokens_per_sec"]} if d["status"] == "ok" else {"reason": d["reason"]}
+        rows.append({"what": what, "provider": "gpt2.generate", "status": d["status"], **extra})
 
     print("| what | provider | result |\n|---|---|---|")
     for r in rows:

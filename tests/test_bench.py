@@ -446,3 +446,12 @@ def test_gpu_quick_run(tmp_path):
     assert all("ms_graph" in r and r["timing_basis"] == "graph" for r in ours), [r.get("graph_reason") for r in ours]
     assert all(r["ms_graph"] <= 1.1 * r["ms"] for r in ours), [(r["mode"], r["ms"], r["ms_graph"]) for r in ours]
     assert len(list(tmp_path.glob("*.png"))) == 2
+
+
+def test_decode_rows_cpu_tiny():
+    """Decode throughput (issue 8's benchmark) runs on a CPU and reports a number per batch size."""
+    rows = run.decode_rows("cpu", quick=True, models=("tiny",))
+    assert [r["batch"] for r in rows] == [1, 16]
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["tokens_per_sec"] > 0

@@ -167,6 +167,21 @@ class _Unavailable:
         raise BackendUnavailable(f"{self.op}={self.backend}: {self.reason}")
 
 
+def set_loss_row_checks(enabled):
+    """The fused cross-entropies (triton and cuda, and linear_cross_entropy) raise ValueError on an
+    invalid row (every real logit -inf, NaN, or a target outside the vocab) by reading one scalar back
+    per call: a host-device sync. A caller that checks the loss itself (gpt2.train reads it once per
+    optimizer step and stops on NaN) turns this off; invalid rows then make the loss NaN. Returns the
+    previous setting."""
+    import kernels.classifier
+    import kernels.linear_cross_entropy
+
+    previous = kernels.linear_cross_entropy.CHECK_ROWS
+    kernels.linear_cross_entropy.CHECK_ROWS = bool(enabled)
+    kernels.classifier.CHECK_ROWS = bool(enabled)
+    return previous
+
+
 def available():
     """{backend: {op: (ok, reason_or_None)}} for every backend and op: what can run on this machine."""
     table = {}

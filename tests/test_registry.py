@@ -71,3 +71,20 @@ def test_python_m_kernels_prints_table():
     assert out.returncode == 0, out.stderr
     for name in ("[torch]", "[triton]", "[cuda]", "layer_norm", "AdamW"):
         assert name in out.stdout
+
+
+def test_loss_row_checks_switch():
+    """The trainer turns the fused losses' per-call read-back off; the setting is restorable and an
+    invalid row then gives a NaN loss instead of an error."""
+    import torch
+
+    import kernels.linear_cross_entropy as lce
+
+    previous = kernels.set_loss_row_checks(False)
+    try:
+        assert previous is True and lce.CHECK_ROWS is False
+        lce.check_loss(torch.tensor(float("nan")), torch.tensor([0]), -1, 10, "test")  # no raise
+    finally:
+        kernels.set_loss_row_checks(previous)
+    with pytest.raises(ValueError, match="all -inf"):
+        lce.check_loss(torch.tensor(float("nan")), torch.tensor([0]), -1, 10, "test")

@@ -83,18 +83,30 @@ def check_report(row):
     return problems
 
 
-def static_report(modules, archs=(80, 90)):
+def with_int_one(spec, arg):
+    """`spec` with integer argument `arg` equal to 1: Triton's JIT specializes an int argument of value 1
+    to a constexpr (C = 1, a stride of 1, one row), so every kernel must also compile that way. An
+    interpreter test cannot see this: there the argument stays a plain number."""
+    sig, consts = dict(spec.signature), dict(spec.constexprs)
+    sig[arg], consts[arg] = "constexpr", 1
+    return AotSpec(f"{spec.name} [{arg}=1]", spec.fn, sig, consts, tuple(a for a in spec.aligned if a != arg),
+                   spec.num_warps, spec.num_stages, spec.expect_ld128, spec.extra)
+
+
+def static_report(modules, archs=(80, 90), int_ones=False):
     """AOT-compile every `compile_specs()` of the given kernel modules (e.g. ["kernels.layernorm"]).
 
     Runs in a subprocess without TRITON_INTERPRET (under the interpreter, @triton.jit makes
     interpreter functions that the real compiler cannot take). Returns a list of report rows; a row
-    whose compile failed has an "error" key.
+    whose compile failed has an "error" key. int_ones=True compiles instead, once per kernel function,
+    each integer argument specialized to 1 (see with_int_one).
     """
     import json
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "kernels._triton_utils", ",".join(str(a) for a in archs), *modules]
+    cmd = [sys.executable, "-m", "kernels._triton_utils", ",".join(str(a) for a in archs) + (":ones" if int_ones else ""),
+           *modules]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"static compile report failed:\n{out.stderr[-4000:]}")
@@ -105,10 +117,17 @@ def _main(argv):
     import importlib
     import json
 
-    archs = [int(a) for a in argv[0].split(",")]
+    arch_list, _, mode = argv[0].partition(":")
+    archs = [int(a) for a in arch_list.split(",")]
     rows = []
     for name in argv[1:]:
-        for spec in importlib.import_module(name).compile_specs():
+        specs = importlib.import_module(name).compile_specs()
+        if mode == "ones":
+            first = {}
+            for spec in specs:  # one spec per kernel function is enough: the question is whether it compiles
+                first.setdefault(id(spec.fn), spec)
+            specs = [with_int_one(s, a) for s in first.values() for a, t in s.signature.items() if t in ("i32", "i64")]
+        for spec in specs:
             for arch in archs:
                 try:
                     row = aot_compile(spec, arch)

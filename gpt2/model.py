@@ -349,6 +349,10 @@ class GPT(nn.Module):
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{config_file}: activation_function {act!r} is not GPT-2's tanh GELU (gelu_new)")
+        for key, gpt2_value in (("tie_word_embeddings", True), ("scale_attn_by_inverse_layer_idx", False),
+                                ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+            if hf.get(key, gpt2_value) != gpt2_value:
+                raise ValueError(f"{config_file}: {key}={hf[key]!r} is not GPT-2's ({gpt2_value}); this model cannot load it")
         config = GPTConfig(
             block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
             n_head=hf["n_head"], n_embd=hf["n_embd"], layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
@@ -375,6 +379,10 @@ class GPT(nn.Module):
             if name in ("transformer.wte.weight", "lm_head.weight"):
                 if value.shape != (self.config.vocab_size, self.config.n_embd):
                     raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, expected {(self.config.vocab_size, self.config.n_embd)}")
+                tied = {"transformer.wte.weight", "lm_head.weight"} & loaded
+                if tied and not torch.equal(target[: self.config.vocab_size], value.to(target.dtype)):
+                    raise ValueError(f"{source}: {key} differs from {tied.pop()}: GPT-2 ties the token embedding "
+                                     "and the lm_head, this checkpoint does not")
                 target.zero_()  # padded rows: zero, never used by the loss or sampling
                 target[: self.config.vocab_size].copy_(value)
             else:

@@ -361,15 +361,16 @@ def _train(args, rank, world, device):
         if world > 1:
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
         norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value, norm_value = torch.stack([loss_sum, norm.float()]).tolist()  # the one host sync per step
-        dt = time.perf_counter() - t0
+        # The one host sync per step, before the update: a NaN/inf loss or gradient never reaches the weights.
+        loss_value, norm_value = torch.stack([loss_sum, norm.float()]).tolist()
         done = step + 1
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written before it"
             raise TrainingError(f"step {done}: loss {loss_value}, grad norm {norm_value}: not finite; stopping "
-                                f"({where}; nothing was saved for step {done})")
+                                f"before the update ({where}; nothing was saved for step {done})")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
         tps = args.total_batch_size / dt
         record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": norm_value, "step_time_s": dt,
                   "tokens_per_sec": tps, "mfu": flops.mfu(tps, fpt, peak, world),

@@ -414,9 +414,13 @@ def _unit_last(t):
 
 
 def _like(t):
-    """An output in t's dimension order (so (B, T, H, D) memory for the model's views), unit last stride."""
-    out = torch.empty_like(t)
-    return out if out.stride(-1) == 1 else torch.empty(t.shape, dtype=out.dtype, device=t.device)
+    """An output (B, H, T, D) in (B, T, H, D) memory when t is laid out that way (the model's views of the
+    qkv projection: the transpose(1, 2).reshape(B, T, C) after attention is then free), else contiguous.
+    Explicit, not empty_like: for a non-dense view empty_like's layout is not guaranteed."""
+    B, H, T, D = t.shape
+    if H > 1 and T > 1 and t.stride(2) > t.stride(1):
+        return torch.empty((B, T, H, D), dtype=t.dtype, device=t.device).transpose(1, 2)
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
 def _strides(t):
@@ -459,6 +463,9 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if do.shape != q.shape or o.shape != q.shape or do.dtype != q.dtype or o.dtype != q.dtype:
         raise ValueError(f"attention_bwd (triton): do {tuple(do.shape)} {do.dtype} and o {tuple(o.shape)} {o.dtype} "
                          f"must match q {tuple(q.shape)} {q.dtype}")
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
+        raise ValueError(f"attention_bwd (triton): lse {tuple(lse.shape)} {lse.dtype} on {lse.device} must be float32 "
+                         f"of shape {tuple(q.shape[:3])} on {q.device} (as attention_fwd returns it)")
     q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
     B, H, T, D = q.shape
     dq, dk, dv = _like(q), _like(k), _like(v)

@@ -223,6 +223,11 @@ def cross_entropy(logits, targets, ignore_index=-1, vocab_size=None):
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     t = targets.reshape(-1).contiguous()
     loss, _ = torch.ops.gpt2k_cuda.cross_entropy_fwd(x, t, ignore_index, vocab_size, compute_grad, CHECK_ROWS)
+    if CHECK_ROWS and not torch.compiler.is_compiling():
+        from kernels.linear_cross_entropy import check_loss
+
+        # the op itself names an all -inf row or a bad target; NaN / +inf logits show up as a NaN loss
+        check_loss(loss, t, ignore_index, vocab_size, "cross_entropy")
     return loss
 
 

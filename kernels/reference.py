@@ -53,6 +53,8 @@ def attention_math(q, k, v):
 
 
 def cross_entropy(logits, targets, ignore_index=-1, vocab_size=None):
+    if vocab_size is not None and not 1 <= vocab_size <= logits.shape[-1]:
+        raise ValueError(f"cross_entropy: vocab_size {vocab_size} must be in [1, {logits.shape[-1]}] (the logits' width)")
     if vocab_size is not None and vocab_size != logits.shape[-1]:
         logits = logits[..., :vocab_size]
     losses = F.cross_entropy(logits.float(), targets, ignore_index=ignore_index, reduction="none")
@@ -84,7 +86,8 @@ class AdamW(torch.optim.AdamW):
     """torch.optim.AdamW, with `fused=True` by default when every parameter is on a CUDA device."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **kwargs):
-        params = list(params)
+        # Materialize every group's params once: a generator would be used up by the check below.
+        params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
         if "fused" not in kwargs and "foreach" not in kwargs:
             tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
             if tensors and all(p.is_cuda for p in tensors):

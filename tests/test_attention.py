@@ -27,8 +27,9 @@ def attention64(q, k, v):
 
 
 def run(fn, q, k, v, do):
-    """fn's output and (dq, dk, dv) for upstream gradient do, on fresh leaves."""
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    """fn's output and (dq, dk, dv) for upstream gradient do, on fresh leaves with the inputs' strides
+    (detach, not clone: a clone would make the model's strided views contiguous)."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     out = fn(*leaves)
     out.backward(do.to(out.dtype))
     return (out.detach(), *(t.grad for t in leaves))
@@ -104,7 +105,10 @@ def test_strided_inputs_not_copied_and_same_result(device):
     dense = run(attention, q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous())
     for name, a, b in zip(("out", "dq", "dk", "dv"), strided, dense):
         assert torch.equal(a, b), name
-    out, dq, _, _ = strided
+    # Layout of what the kernels return (a leaf's .grad would not show it: autograd makes the .grad of a
+    # non-dense leaf contiguous).
+    out, lse = attention_fwd(q, k, v)
+    dq = attention_bwd(do, q, k, v, out, lse)[0]
     assert out.stride() == (T * H * D, D, H * D, 1) and dq.stride() == (T * H * D, D, H * D, 1)
     assert out.transpose(1, 2).reshape(B, T, H * D).data_ptr() == out.data_ptr()
     check_against_float64(q, k, v, do)
@@ -240,3 +244,11 @@ def test_model_matches_torch_backend():
     assert grads.keys() == grads_b.keys() and len(grads) > 10
     for name in grads:
         assert_close(grads[name], grads_t[name], grads_b[name], atol=1e-6, name=name)
+
+
+def test_backward_rejects_a_wrong_lse(device):
+    q, k, v, do = inputs(1, 2, 17, 32, torch.float32, device)
+    out, lse = attention_fwd(q, k, v)
+    for bad in (lse[..., :-1], lse.double(), lse.unsqueeze(-1)):
+        with pytest.raises(ValueError, match="lse"):
+            attention_bwd(do, q, k, v, out, bad)

@@ -43,7 +43,7 @@ def ce64(logits, targets, ignore_index=-1, vocab_size=None):
 
 
 def loss_and_grad(fn, logits, targets, ignore_index=-1, vocab_size=None, grad_output=1.0):
-    x = logits.detach().clone().requires_grad_()
+    x = logits.detach().requires_grad_()  # not clone(): keep the caller's strides (views stay views)
     loss = fn(x, targets, ignore_index, vocab_size)
     loss.backward(torch.tensor(grad_output, device=loss.device))
     return loss.detach(), x.grad
@@ -137,6 +137,15 @@ def test_all_minus_inf_row_raises():
     loss64, grad64 = ce64(logits, targets, -1, 40)
     torch.testing.assert_close(loss.double(), loss64, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad.double(), grad64, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_plus_inf_logit_raises(bad):
+    """As the Triton backend: a row with a NaN or +inf logit has no defined loss: an error, not a NaN."""
+    logits, targets = make(5, 40, 48, torch.float32, ignore_frac=0.0)
+    logits[3, 7] = bad
+    with pytest.raises(ValueError, match="NaN or \\+inf"):
+        C.cross_entropy(logits, targets, -1, 40)
 
 
 def test_invalid_target_raises_or_marks_nan():

@@ -99,6 +99,17 @@ def test_hf_errors_name_the_problem(tmp_path):
     save_file(bad, tmp_path / "model.safetensors")
     with pytest.raises(KeyError, match="missing keys.*ln_f"):
         GPT.from_pretrained(str(tmp_path))
+    bad = dict(sd)
+    bad["lm_head.weight"] = bad["transformer.wte.weight"] + 1.0
+    save_file(bad, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="ties the token embedding"):
+        GPT.from_pretrained(str(tmp_path))
+    save_file(sd, tmp_path / "model.safetensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
+    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
+        GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):
         GPT.from_pretrained(str(tmp_path))

@@ -133,3 +133,16 @@ def test_torch_backend_adamw_is_torchs():
     opt = ref.AdamW([torch.nn.Parameter(torch.randn(3))], lr=1e-3)
     assert isinstance(opt, torch.optim.AdamW)
     assert not opt.defaults.get("fused")  # CPU parameters: not fused
+
+
+def test_torch_backend_adamw_takes_generators_in_groups():
+    m = torch.nn.Linear(3, 2)
+    opt = ref.AdamW([{"params": m.parameters(), "weight_decay": 0.0}], lr=1e-3)
+    assert [len(g["params"]) for g in opt.param_groups] == [2]
+    opt = ref.AdamW(m.parameters(), lr=1e-3)
+    assert [len(g["params"]) for g in opt.param_groups] == [2]
+
+
+def test_cross_entropy_vocab_size_out_of_range_raises():
+    with pytest.raises(ValueError, match="vocab_size 20 must be in"):
+        ref.cross_entropy(torch.randn(2, 16), torch.tensor([0, 1]), vocab_size=20)

@@ -26,6 +26,7 @@ import argparse
 import bisect
 import functools
 import hashlib
+import numbers
 import os
 import struct
 import sys
@@ -253,6 +254,9 @@ def text_sources(path, split, val_fraction=0.1):
     """A .txt file as one document, tokenized on the fly: the last `val_fraction` of its tokens are val."""
     tokens = _text_tokens(str(path), os.path.getmtime(path))
     n_val = int(round(len(tokens) * val_fraction))
+    if not 0 < n_val < len(tokens):
+        raise ValueError(f"{len(tokens)} tokens with val_fraction {val_fraction} give {n_val} val and {len(tokens) - n_val} "
+                         "train tokens: both splits need at least one token (more text, or another --val-fraction)")
     part = tokens[len(tokens) - n_val:] if split == "val" else tokens[:len(tokens) - n_val]
     return [Source.from_array(f"{path}[{split}]", part)]
 
@@ -321,6 +325,10 @@ class ShardWriter:
     """Accumulates token arrays and writes `<name>_<split>_<index>.bin` shards of `shard_tokens`."""
 
     def __init__(self, out, name, shard_tokens=SHARD_TOKENS, split_of=lambda index: "train", max_shards=None, progress=None):
+        if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, numbers.Integral) or shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be an integer >= 1, got {shard_tokens!r}")
+        if max_shards is not None and (isinstance(max_shards, bool) or not isinstance(max_shards, numbers.Integral) or max_shards < 1):
+            raise ValueError(f"max_shards must be None (no limit) or an integer >= 1, got {max_shards!r}")
         self.out, self.name, self.shard_tokens, self.split_of, self.max_shards = Path(out), name, shard_tokens, split_of, max_shards
         self.out.mkdir(parents=True, exist_ok=True)
         self.buf = np.empty(shard_tokens, dtype=np.uint16)
@@ -352,13 +360,21 @@ class ShardWriter:
 
 def prepare_text(files, out, name="text", val_fraction=0.1, blank_lines=False, shard_tokens=SHARD_TOKENS):
     """Local text files -> shards. Documents: one per file, or split on blank lines; the last
-    `val_fraction` of the concatenated tokens go to the val split."""
+    `val_fraction` (0 < val_fraction < 1) of the concatenated tokens go to the val split; both
+    splits must get at least one token (the trainer's --eval-every needs a val split)."""
+    if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be > 0 and < 1 (the last fraction of the tokens is the val split), got {val_fraction!r}")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, numbers.Integral) or shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be an integer >= 1, got {shard_tokens!r}")
     docs = []
     for path in files:
         with open(path, encoding="utf-8") as f:
             docs += split_documents(f.read(), blank_lines)
     tokens = tokenize_documents(docs)
     n_val = int(round(len(tokens) * val_fraction))
+    if not 0 < n_val < len(tokens):
+        raise ValueError(f"{len(tokens)} tokens with val_fraction {val_fraction} give {n_val} val and {len(tokens) - n_val} "
+                         "train tokens: both splits need at least one token (more text, or another --val-fraction)")
     paths = []
     for split, part in (("train", tokens[:len(tokens) - n_val]), ("val", tokens[len(tokens) - n_val:])):
         w = ShardWriter(out, name, shard_tokens, split_of=lambda i, s=split: s)
@@ -393,6 +409,10 @@ def prepare_documents(texts, out, name, shard_tokens=SHARD_TOKENS, max_shards=No
 
 
 def prepare_fineweb(out, shards=None, sample="10BT", shard_tokens=SHARD_TOKENS, workers=None):
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, numbers.Integral) or shards < 1):
+        raise ValueError(f"shards must be None (the whole sample) or an integer >= 1, got {shards!r}")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, numbers.Integral) or shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be an integer >= 1, got {shard_tokens!r}")
     try:
         from datasets import load_dataset
     except ImportError as e:
@@ -402,24 +422,46 @@ def prepare_fineweb(out, shards=None, sample="10BT", shard_tokens=SHARD_TOKENS, 
     return prepare_documents((row["text"] for row in ds), out, "edufineweb", shard_tokens, shards, workers, total)
 
 
+def _at_least_one(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _open_fraction(text):
+    """argparse type: a float strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0 and < 1, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be > 0 and < 1 (the val split needs tokens, and so does train), got {value}")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m gpt2.data", description="Make GPT-2 token shards.")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fineweb", help="FineWeb-Edu via `datasets`; shard 0 is val")
     f.add_argument("--out", required=True)
-    f.add_argument("--shards", type=int, default=None, help="stop after N shards (default: the whole sample)")
+    f.add_argument("--shards", type=_at_least_one, default=None, help="stop after N >= 1 shards (default: the whole sample)")
     f.add_argument("--sample", default="10BT", help="FineWeb-Edu sample: 10BT, 100BT, 350BT")
     f.add_argument("--workers", type=int, default=None)
     t = sub.add_parser("text", help="local text files: one document per file (or --split-blank-lines)")
     t.add_argument("files", nargs="+")
     t.add_argument("--out", required=True)
     t.add_argument("--name", default="text")
-    t.add_argument("--val-fraction", type=float, default=0.1, help="the last fraction of the tokens is val")
+    t.add_argument("--val-fraction", type=_open_fraction, default=0.1, help="the last fraction (> 0 and < 1) of the tokens is val")
     t.add_argument("--split-blank-lines", action="store_true", help="a blank line separates documents")
     s = sub.add_parser("shakespeare", help="tiny Shakespeare (from $GPT2_DATA_CACHE or downloaded)")
     s.add_argument("--out", required=True)
     for q in (f, t, s):
-        q.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard")
+        q.add_argument("--shard-tokens", type=_at_least_one, default=SHARD_TOKENS, help="tokens per shard (>= 1)")
     args = p.parse_args(argv)
     if args.cmd == "fineweb":
         paths = prepare_fineweb(args.out, args.shards, args.sample, args.shard_tokens, args.workers)

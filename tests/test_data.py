@@ -208,3 +208,43 @@ def test_shakespeare_from_cache_folder(tmp_path, monkeypatch):
     paths = D.prepare_text([D.shakespeare_path()], tmp_path / "shk", "shakespeare")
     n = [D.read_header(p) for p in paths]
     assert sum(n) == 338025 + 1 and n[1] == round(0.1 * sum(n))  # + the leading <|endoftext|>
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["text", "A", "--out", "O", "--shard-tokens", "0"], "--shard-tokens: must be >= 1"),
+    (["text", "A", "--out", "O", "--shard-tokens", "-5"], "--shard-tokens: must be >= 1"),
+    (["shakespeare", "--out", "O", "--shard-tokens", "0"], "--shard-tokens: must be >= 1"),
+    (["text", "A", "--out", "O", "--val-fraction", "1.5"], "--val-fraction: must be > 0 and < 1"),
+    (["text", "A", "--out", "O", "--val-fraction", "0"], "--val-fraction: must be > 0 and < 1"),
+    (["text", "A", "--out", "O", "--val-fraction", "-0.1"], "--val-fraction: must be > 0 and < 1"),
+    (["fineweb", "--out", "O", "--shards", "0"], "--shards: must be >= 1"),
+    (["fineweb", "--out", "O", "--shards", "-2"], "--shards: must be >= 1"),
+])
+def test_cli_rejects_bad_sizes(tmp_path, capsys, argv, message):
+    argv = [str(tmp_path / "a.txt") if a == "A" else str(tmp_path / "out") if a == "O" else a for a in argv]
+    (tmp_path / "a.txt").write_text("some text " * 20)
+    with pytest.raises(SystemExit) as e:
+        D.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prep_functions_reject_bad_sizes(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("some text " * 20)
+    for bad in (0, -3):  # 0 used to loop forever, negative gave numpy's "negative dimensions"
+        with pytest.raises(ValueError, match="shard_tokens must be an integer >= 1"):
+            D.prepare_text([a], tmp_path / "out", shard_tokens=bad)
+        with pytest.raises(ValueError, match="shard_tokens must be an integer >= 1"):
+            D.ShardWriter(tmp_path / "out", "x", shard_tokens=bad)
+        with pytest.raises(ValueError, match="max_shards must be None"):
+            D.ShardWriter(tmp_path / "out", "x", shard_tokens=8, max_shards=bad)
+        with pytest.raises(ValueError, match="shards must be None"):
+            D.prepare_fineweb(tmp_path / "out", shards=bad)
+    for bad in (0, 1, 1.5, -0.2):
+        with pytest.raises(ValueError, match="val_fraction must be > 0 and < 1"):
+            D.prepare_text([a], tmp_path / "out", val_fraction=bad)
+    b = tmp_path / "b.txt"
+    b.write_text("hi")  # 2 tokens: 10% of them rounds to no val token at all
+    with pytest.raises(ValueError, match="both splits need at least one token"):
+        D.prepare_text([b], tmp_path / "out")

@@ -239,6 +239,8 @@ def compare(a, b, threshold=SLOWER):
     for k in list(ra) + [k for k in rb if k not in ra]:
         x, y = ra.get(k), rb.get(k)
         if x is None or y is None:
+            if y is None and x["status"] == "ok":
+                flagged.append(f"{' '.join(k)}: ran in A, missing from B")
             lines.append(f"| {' | '.join(k)} | | {'-' if x is None else _ms(x)} | {'-' if y is None else _ms(y)} | | only in {'B' if x is None else 'A'} |")
             continue
         if x["status"] == "ok" and y["status"] == "ok":
@@ -271,7 +273,11 @@ def compare(a, b, threshold=SLOWER):
         elif x["status"] == "ok":
             flagged.append(f"e2e {n}: ran in A, {y['status']} in B")
             lines.append(f"| {n} | {x['tokens_per_sec']:,.0f} | {y['status']} | | | | BROKEN |")
-    lines += ["", f"{len(flagged)} flagged (more than {100 * (threshold - 1):.0f}% slower, or broken)"]
+    for n in ea:
+        if n not in eb and ea[n]["status"] == "ok":
+            flagged.append(f"e2e {n}: ran in A, missing from B")
+            lines.append(f"| {n} | {ea[n]['tokens_per_sec']:,.0f} | missing | | | | only in A |")
+    lines += ["", f"{len(flagged)} flagged (more than {100 * (threshold - 1):.0f}% slower, broken or missing)"]
     lines += [f"  - {f}" for f in flagged]
     return "\n".join(lines), flagged
 

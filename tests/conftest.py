@@ -6,7 +6,13 @@ import os
 import sys
 from pathlib import Path
 
-import torch
+# The repo root on sys.path: tests import the project's packages and each other's helpers
+# (tests.numerics), also when pytest is started from another folder or the project is not installed.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":

@@ -455,3 +455,15 @@ def test_decode_rows_cpu_tiny():
     for r in rows:
         assert r["status"] == "ok", r
         assert r["tokens_per_sec"] > 0
+
+
+def test_compare_flags_rows_and_e2e_runs_missing_from_b():
+    a = json.loads(A.read_text())
+    b = json.loads(A.read_text())
+    dropped = next(r for r in b["rows"] if r["status"] == "ok")
+    b["rows"].remove(dropped)
+    a["e2e"] = [{"name": "triton", "status": "ok", "tokens_per_sec": 1000.0, "loss": 6.5}]
+    b["e2e"] = []
+    text, flagged = report.compare(a, b)
+    assert any("missing from B" in f and dropped["provider"] in f for f in flagged), flagged
+    assert any(f.startswith("e2e triton: ran in A, missing from B") for f in flagged), flagged

@@ -17,7 +17,8 @@ resumed_from. OUT/log.jsonl: one JSON object per step with step, loss, lr, grad_
 tokens_per_sec (global), mfu (fraction, null when the device's peak is unknown), peak_mem_bytes
 (null on CPU), and val_loss / hellaswag on the steps where they ran. OUT/ckpt_<step>.pt: model,
 optimizer, step, loader state, the RNG states of every rank, the config; written to a temp file and
-renamed, the last --keep-checkpoints kept. A non-finite loss or grad norm stops the run (exit 1)
+renamed, the last --keep-checkpoints kept. --resume checks that the run-defining arguments
+(RESUME_MUST_MATCH) equal the checkpoint's, and the sample length is checked against the block size at start. A non-finite loss or grad norm stops the run (exit 1)
 before anything is written for that step.
 """
 import argparse
@@ -124,9 +125,14 @@ def resolve_defaults(args, device):
         args.min_lr = args.lr / 10
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.max_steps // 20)
-    for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_steps", "sample_tokens", "eval_tokens"):
+    for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_steps", "sample_tokens", "eval_tokens",
+                 "warmup_steps"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    for name in ("batch_size", "seq_len", "total_batch_size", "n_layer", "n_head", "n_embd", "block_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:  # None: filled in later from the model (seq_len, total_batch_size)
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def lr_at(step, args):
@@ -144,6 +150,38 @@ def build_optimizer(model, args):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return model.ops.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8, weight_decay=args.weight_decay)
+
+
+# Arguments that change a run's math: a resumed run must use the values saved in its checkpoint.
+# The rest (kernels, compile, dtype, device, eval/sample/checkpoint cadence, out, quiet) may differ.
+RESUME_MUST_MATCH = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_from", "data", "batch_size", "seq_len",
+                     "total_batch_size", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2",
+                     "grad_clip", "seed")
+
+
+def check_resume_args(saved, args, ckpt_path):
+    """Raise ValueError listing every run-defining argument that differs from the checkpoint's."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{ckpt_path}: the checkpoint holds no saved arguments to check the resumed run against")
+    diffs = [f"  --{k.replace('_', '-')}: saved {saved.get(k, '(missing)')!r}, now {getattr(args, k)!r}"
+             for k in RESUME_MUST_MATCH if saved.get(k, "(missing)") != getattr(args, k)]
+    if diffs:
+        raise ValueError(f"--resume {ckpt_path}: these arguments differ from the ones the run was started with "
+                         "(they change the run's math; pass the saved values; kernels, compile, dtype, device, "
+                         "eval/sample/checkpoint cadence and out may differ):\n" + "\n".join(diffs))
+
+
+def check_sample_length(args, block_size):
+    """The samples (<|endoftext|> + --sample-prompt + --sample-tokens) must fit the context: checked at start,
+    not after training."""
+    if args.sample_tokens <= 0:
+        return
+    n_prompt = 1 + len(_encoding().encode(args.sample_prompt))
+    if n_prompt + args.sample_tokens > block_size:
+        raise ValueError(f"--sample-tokens {args.sample_tokens} + the prompt's {n_prompt} tokens (<|endoftext|> + "
+                         f"--sample-prompt) = {n_prompt + args.sample_tokens} exceeds the model's block size {block_size}: "
+                         f"pass --sample-tokens {max(0, block_size - n_prompt)} or less (0: no sample), a shorter "
+                         "--sample-prompt, or a larger --block-size")
 
 
 def checkpoints(out):
@@ -193,10 +231,14 @@ def save_checkpoint(out, step, state, keep):
     """Atomically write OUT/ckpt_<step>.pt (temp file, fsync, rename), then drop all but the last `keep`."""
     path = Path(out) / f"ckpt_{step:07d}.pt"
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file is never left behind, let alone taken as the latest
+        raise
     os.replace(tmp, path)
     for old in checkpoints(out)[:-keep] if keep > 0 else []:
         old.unlink()
@@ -280,6 +322,8 @@ def _train(args, rank, world, device):
         model = GPT(config, kernels=args.kernels)
     if args.seq_len is None:
         args.seq_len = min(64, config.block_size) if device.type == "cpu" else config.block_size
+    if args.seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.seq_len > config.block_size:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's block size {config.block_size}")
     B, T = args.batch_size, args.seq_len
@@ -290,6 +334,9 @@ def _train(args, rank, world, device):
         raise ValueError(f"--total-batch-size {args.total_batch_size} is not a multiple of batch-size x seq-len x world-size "
                          f"= {B} x {T} x {world} = {per_micro}")
     accum = args.total_batch_size // per_micro
+    if ckpt is not None:
+        check_resume_args(ckpt.get("args"), args, resumed_from)
+    check_sample_length(args, config.block_size)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     model.to(device)

@@ -270,6 +270,68 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000004.pt", "ckpt_0000005.pt"]
 
 
+def test_failed_checkpoint_write_keeps_the_previous_latest(tmp_path, monkeypatch):
+    for step in (1, 2):
+        train.save_checkpoint(tmp_path, step, {"step": step, "w": torch.arange(1000)}, keep=3)
+    real_save = torch.save
+
+    def dies_mid_write(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a checkpoint")  # some bytes reach the disk, then the write fails
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_checkpoint(tmp_path, 3, {"step": 3, "w": torch.arange(1000)}, keep=3)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000001.pt", "ckpt_0000002.pt"]  # no partial file at all
+    latest, out = train.find_resume("latest", tmp_path)
+    assert latest.name == "ckpt_0000002.pt" and out == tmp_path
+    ckpt = torch.load(latest, weights_only=False)
+    assert ckpt["step"] == 2 and torch.equal(ckpt["w"], torch.arange(1000))
+
+
+def test_sample_length_is_checked_before_training(text, tmp_path):
+    """--block-size 32 with the default --sample-tokens 200 used to train the whole run, then crash in generate."""
+    out = tmp_path / "s"
+    cmd = args(text, out)
+    i = cmd.index("--sample-tokens")
+    del cmd[i:i + 2]  # the default, 200
+    with pytest.raises(ValueError, match=r"--sample-tokens 200 .* = 201 exceeds the model's block size 32: pass --sample-tokens 31"):
+        train.main(cmd)
+    with pytest.raises(ValueError, match=r"--sample-tokens 20 .*--sample-prompt.* exceeds the model's block size 32"):
+        train.main(args(text, out, "--sample-tokens", "20", "--sample-prompt", "one two three four five six seven eight nine ten eleven twelve"))
+    assert not (out / "log.jsonl").exists() and not list(out.glob("ckpt_*"))  # not a single step ran
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "-4"), ("--seq-len", "0"), ("--seq-len", "-16"),
+                                         ("--total-batch-size", "0"), ("--warmup-steps", "-1")])
+def test_sizes_must_be_positive(text, tmp_path, flag, value):
+    """0 used to be a ZeroDivisionError, negative a confusing ShardError."""
+    with pytest.raises(ValueError, match=f"{flag} must be >= {0 if flag == '--warmup-steps' else 1}, got {value}"):
+        train.main(args(text, tmp_path / "z", flag, value))
+
+
+def test_resume_refuses_other_run_arguments(straight, text, tmp_path):
+    """Resuming with other values of run-defining flags (here: the defaults) is an error listing each one."""
+    out, _ = straight
+    ckpt = str(out / "ckpt_0000004.pt")
+    with pytest.raises(ValueError) as e:
+        train.main(args(text, tmp_path / "r", "--resume", ckpt, "--max-steps", "10", "--lr", "2e-2", "--seed", "1"))
+    msg = str(e.value)
+    for line in ("--max-steps: saved 8, now 10", "--lr: saved 0.01, now 0.02", "--seed: saved 1337, now 1",
+                 "--min-lr: saved 0.001, now 0.002"):
+        assert line in msg, msg
+    assert "pass the saved values" in msg and "--warmup-steps" not in msg and "--kernels" not in msg
+    # just --resume and the run folder: every default that differs from the saved run is listed
+    with pytest.raises(ValueError) as e:
+        train.main(["--resume", ckpt, "--out", str(tmp_path / "r2"), "--device", "cpu", "--quiet", "--sample-tokens", "0"])
+    msg = str(e.value)
+    for flag in ("--n-layer: saved 1, now None", "--data:", "--max-steps: saved 8, now 300",
+                 "--batch-size: saved 4, now 16", "--warmup-steps: saved 2, now 15"):
+        assert flag in msg, msg
+    assert not (tmp_path / "r2" / "log.jsonl").exists()
+
+
 # ---- FLOPs, MFU, plot ------------------------------------------------------------------------------
 
 def test_flops_per_token_and_peak_table():

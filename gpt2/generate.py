@@ -135,16 +135,31 @@ def decode_tokens_per_sec(model, batch_size, new_tokens=128, prompt_len=16, use_
 
 # ---- CLI -------------------------------------------------------------------------------------
 
+def int_at_least(low):
+    """argparse type: an integer >= low (argparse reports the flag and this message)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def main(argv=None, out=None):
     out = out or sys.stdout
     p = argparse.ArgumentParser(prog="python -m gpt2.generate", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--prompt", default="", help="text to continue (empty: start from <|endoftext|>)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int_at_least(1), default=1)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix each step (slow; for checking)")
     args = p.parse_args(argv)

@@ -19,12 +19,15 @@ block_size lose their leftmost tokens.
 Batching: `batch_size` examples (4 rows each) per forward pass, every batch padded to one length,
 the longest example rounded up to a multiple of 32 (capped at block_size), and the last batch padded
 with dummy rows, so a compiled model sees one shape for the whole evaluation. Under torchrun each
-rank scores examples[rank::world_size] and the counts are summed with all_reduce.
+rank scores examples[rank::world_size] and the counts are summed with all_reduce; the CLI sets up the
+process group itself when WORLD_SIZE > 1 (`torchrun --nproc_per_node=N -m gpt2.hellaswag ...`) and
+prints on rank 0 only. The download is checked (sha256 and line count) before it is used.
 
 --model goes through `gpt2.generate.load_model` (one loader for both CLIs): our trainer's
 checkpoint file or run directory, a Hugging Face GPT-2 directory, or a hub name.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -35,6 +38,8 @@ import torch
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 FILENAME = "hellaswag_val.jsonl"
+SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
+LINES = 10042
 PAD_MULTIPLE = 32
 
 
@@ -56,13 +61,27 @@ def download(path):
     try:
         urllib.request.urlretrieve(URL, tmp)
     except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise RuntimeError(f"could not download HellaSwag from {URL} ({e}); put {FILENAME} under $GPT2_DATA_CACHE/hellaswag/ or pass --data") from e
+    digest, lines = hashlib.sha256(), 0
+    with open(tmp, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+            lines += chunk.count(b"\n")
+    if digest.hexdigest() != SHA256 or lines != LINES:
+        os.remove(tmp)
+        raise RuntimeError(f"{URL}: downloaded file has sha256 {digest.hexdigest()} and {lines:,} lines, expected "
+                           f"sha256 {SHA256} and {LINES:,} lines; deleted it (put a good {FILENAME} under "
+                           "$GPT2_DATA_CACHE/hellaswag/ or pass --data)")
     os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
 
 
 def read_examples(path, limit=None):
-    """The first `limit` examples of a HellaSwag jsonl file as dicts (ctx, endings, label).
-    Blank lines are skipped; a malformed line raises ValueError naming its line number."""
+    """The first `limit` examples of a HellaSwag jsonl file as dicts (ctx, endings, label, where =
+    "path:line"). Blank lines are skipped; a malformed line raises ValueError naming its line number."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None (all examples) or an integer >= 1, got {limit!r}")
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -78,19 +97,19 @@ def read_examples(path, limit=None):
             if not isinstance(d, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
             ctx, endings, label = d.get("ctx"), d.get("endings"), d.get("label")
-            if not isinstance(ctx, str):
-                raise ValueError(f"{where}: 'ctx' must be a string")
+            if not isinstance(ctx, str) or not ctx:
+                raise ValueError(f"{where}: 'ctx' must be a non-empty string")
             if not isinstance(endings, list) or len(endings) != 4 or not all(isinstance(e, str) and e for e in endings):
                 raise ValueError(f"{where}: 'endings' must be a list of 4 non-empty strings")
             if isinstance(label, str) and label.isdigit():
                 label = int(label)  # the HF datasets copy stores labels as strings
             if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 4:
                 raise ValueError(f"{where}: 'label' must be 0, 1, 2 or 3, got {d.get('label')!r}")
-            examples.append(dict(ctx=ctx, endings=endings, label=label))
+            examples.append(dict(ctx=ctx, endings=endings, label=label, where=where))
     return examples
 
 
-_TOKENIZED = {}  # (path, mtime, limit) -> list of (ctx_ids, [ending_ids x4], [ending chars x4], label)
+_TOKENIZED = {}  # (path, mtime, limit) -> list of (ctx_ids, [ending_ids x4], [ending chars x4], label, "path:line")
 
 
 def tokenized_examples(path, limit=None):
@@ -103,7 +122,7 @@ def tokenized_examples(path, limit=None):
         out = []
         for ex in read_examples(path, limit):
             ends = enc.encode_ordinary_batch([" " + e for e in ex["endings"]])
-            out.append((enc.encode_ordinary(ex["ctx"]), ends, [len(e) for e in ex["endings"]], ex["label"]))
+            out.append((enc.encode_ordinary(ex["ctx"]), ends, [len(e) for e in ex["endings"]], ex["label"], ex["where"]))
         _TOKENIZED.clear()
         _TOKENIZED[key] = out
     return _TOKENIZED[key]
@@ -112,21 +131,27 @@ def tokenized_examples(path, limit=None):
 # ---- scoring ---------------------------------------------------------------------------------
 
 def pad_length(examples, block_size):
-    longest = max((len(c) + len(e) for c, ends, _, _ in examples for e in ends), default=1)
+    longest = max((len(ex[0]) + len(e) for ex in examples for e in ex[1]), default=1)
     return min(block_size, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)
 
 
 def build_batch(batch, T, rows):
-    """(rows, T) tokens, targets (-1 outside the endings) and the ending lengths in tokens and chars."""
+    """(rows, T) tokens, targets (-1 outside the endings) and the ending lengths in tokens and chars.
+    Each example: (ctx_ids, [ending_ids x4], [ending chars x4], label[, "path:line" for errors])."""
     tokens = torch.zeros(rows, T, dtype=torch.long)
     targets = torch.full((rows, T), -1, dtype=torch.long)
     n_tok = torch.ones(rows, dtype=torch.long)
     n_char = torch.ones(rows, dtype=torch.long)
-    for i, (ctx, ends, chars, _) in enumerate(batch):
+    for i, ex in enumerate(batch):
+        ctx, ends, chars = ex[:3]
+        where = ex[4] if len(ex) > 4 else "an example"
+        if not ctx:
+            raise ValueError(f"{where}: empty context (an ending's first token needs at least one token before it)")
         for j, end in enumerate(ends):
             r = 4 * i + j
             if len(end) >= T:
-                raise ValueError(f"an ending of {len(end)} tokens does not fit the padded length {T} (block_size too small)")
+                raise ValueError(f"{where}: ending {j} ({len(end)} tokens) does not fit the padded length {T} "
+                                 "(it needs at least one context token before it; block_size too small)")
             seq = (ctx + end)[-T:]  # too long: drop the leftmost context tokens
             tokens[r, : len(seq)] = torch.tensor(seq)
             # position p predicts token p + 1: the ending's tokens are predicted from len(seq)-len(end)-1 on
@@ -199,6 +224,8 @@ def evaluate(model, data_path=None, limit=None, batch_size=16, device=None, rank
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     examples = tokenized_examples(path, limit)
+    if not examples:
+        raise ValueError(f"{path}: no examples (an empty or blank-only file)")
     raw, config = _unwrap(model)
     T = pad_length(examples, config.block_size)  # from all examples: one shape on every rank
     mine = examples[rank::world_size]
@@ -218,23 +245,33 @@ def evaluate(model, data_path=None, limit=None, batch_size=16, device=None, rank
 # ---- CLI -------------------------------------------------------------------------------------
 
 def main(argv=None):
-    from gpt2.generate import add_model_args, load_model_from_args
+    from gpt2.generate import add_model_args, int_at_least, load_model_from_args
 
     p = argparse.ArgumentParser(prog="python -m gpt2.hellaswag", description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--data", help=f"HellaSwag jsonl (default: {default_data_path()}, downloaded if missing)")
-    p.add_argument("--limit", type=int, help="only the first N examples")
-    p.add_argument("--batch-size", type=int, default=16, help="examples (4 rows each) per forward pass")
+    p.add_argument("--limit", type=int_at_least(1), help="only the first N examples")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16, help="examples (4 rows each) per forward pass")
     p.add_argument("--json", action="store_true", help="print one JSON object: n, acc, acc_norm, acc_norm_char")
     args = p.parse_args(argv)
-    model, device, autocast = load_model_from_args(args)
-    with autocast:
-        result = evaluate(model, args.data, args.limit, args.batch_size, device)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"HellaSwag ({result['n']} examples): acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
-              f"acc_norm_char {result['acc_norm_char']:.4f}")
+    rank, world = 0, 1
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: each rank scores its share, rank 0 prints
+        from gpt2.train import setup_distributed
+
+        rank, _, world, dist_device = setup_distributed(args.device)  # nccl on cuda:LOCAL_RANK, else gloo on cpu
+        args.device = str(dist_device)
+    try:
+        model, device, autocast = load_model_from_args(args)
+        with autocast:
+            result = evaluate(model, args.data, args.limit, args.batch_size, device, rank=rank, world_size=world)
+        if rank == 0 and args.json:
+            print(json.dumps(result))
+        elif rank == 0:
+            print(f"HellaSwag ({result['n']} examples): acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}  "
+                  f"acc_norm_char {result['acc_norm_char']:.4f}")
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return result
 
 

@@ -129,7 +129,7 @@ def resolve_defaults(args, device):
                  "warmup_steps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "seq_len", "total_batch_size", "n_layer", "n_head", "n_embd", "block_size"):
+    for name in ("batch_size", "seq_len", "total_batch_size", "n_layer", "n_head", "n_embd", "block_size", "hellaswag_limit"):
         value = getattr(args, name)
         if value is not None and value < 1:  # None: filled in later from the model (seq_len, total_batch_size)
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

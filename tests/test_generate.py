@@ -254,3 +254,14 @@ def test_cuda_cached_path_with_triton_kernels_bf16():
                 assert_close(last, ref64[:, b - 1], baseline[:, b - 1], atol=1e-2, name=f"logits at {b - 1}")
         out = model.generate(idx[:, :8], 32, top_k=50, generator=torch.Generator("cuda").manual_seed(0))
     assert out.shape == (4, 40) and out.max().item() < cfg.vocab_size
+
+
+@pytest.mark.parametrize("flag, value, message", [("--max-new-tokens", "-1", "--max-new-tokens: must be >= 0, got -1"),
+                                                  ("--num-samples", "0", "--num-samples: must be >= 1, got 0"),
+                                                  ("--num-samples", "-2", "--num-samples: must be >= 1, got -2"),
+                                                  ("--num-samples", "x", "--num-samples: expected an integer >= 1, got 'x'")])
+def test_cli_rejects_negative_counts(tmp_path, capsys, flag, value, message):
+    """Used to be accepted silently (nothing generated, or no sample at all); argparse refuses before loading a model."""
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--model", str(tmp_path / "nothing_here"), flag, value], out=Recorder())
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -111,7 +111,7 @@ def test_batch_size_and_rank_split_do_not_change_numbers(ours, data_path):
 def test_fixed_padded_shape(ours, data_path):
     examples = hellaswag.tokenized_examples(data_path, N)
     T = hellaswag.pad_length(examples, ours.config.block_size)
-    assert T % hellaswag.PAD_MULTIPLE == 0 and T >= max(len(c) + len(e) for c, ends, _, _ in examples for e in ends)
+    assert T % hellaswag.PAD_MULTIPLE == 0 and T >= max(len(c) + len(e) for c, ends, *_ in examples for e in ends)
     shapes = []
     handle = ours.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     try:
@@ -144,8 +144,10 @@ def test_long_context_loses_leftmost_tokens():
     assert tokens[0].tolist() == list(range(187, 200)) + [1, 2, 3]
     assert targets[0].tolist() == [-1] * 12 + [1, 2, 3, -1]
     assert n_tok.tolist() == [3] * 4 and n_char.tolist() == [3, 5, 7, 9]
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ValueError, match="an example: ending 0 .16 tokens. does not fit"):
         hellaswag.build_batch([([5], [[1] * 16] * 4, [1] * 4, 0)], T=16, rows=4)
+    with pytest.raises(ValueError, match="hs.jsonl:7: ending 0 .16 tokens. does not fit"):
+        hellaswag.build_batch([([5], [[1] * 16] * 4, [1] * 4, 0, "hs.jsonl:7")], T=16, rows=4)
 
 
 GOOD = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1}
@@ -156,7 +158,8 @@ GOOD = {"ctx": "A man", "endings": ["a", "b", "c", "d"], "label": 1}
     (json.dumps(dict(GOOD, endings=["a", "b", "c"])), "'endings' must be a list of 4 non-empty strings"),
     (json.dumps(dict(GOOD, label=4)), "'label' must be 0, 1, 2 or 3, got 4"),
     (json.dumps(dict(GOOD, label=None)), "'label' must be"),
-    (json.dumps(dict(GOOD, ctx=3)), "'ctx' must be a string"),
+    (json.dumps(dict(GOOD, ctx=3)), "'ctx' must be a non-empty string"),
+    (json.dumps(dict(GOOD, ctx="")), "'ctx' must be a non-empty string"),
     ("[1, 2]", "expected a JSON object"),
 ])
 def test_malformed_line_names_line_number(tmp_path, bad, message):
@@ -199,3 +202,69 @@ def test_cuda_triton_bf16_scores(data_path):
         compiled = hellaswag.evaluate(torch.compile(model), data_path, limit=200, batch_size=50)
     assert_close(ours, ref64, baseline, atol=1e-2, name="ending log-likelihoods")
     assert result["n"] == 200 and abs(result["acc"] - compiled["acc"]) <= 0.02
+
+
+def test_ending_too_long_names_its_line(tmp_path):
+    """evaluate's "does not fit" error names the file and line of the example."""
+    path = tmp_path / "hs.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(dict(GOOD, endings=["a", "b " * 40, "c", "d"])) + "\n")
+    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=1, n_embd=8))
+    with pytest.raises(ValueError, match=r"hs.jsonl:3: ending 1 \(\d+ tokens\) does not fit the padded length 32"):
+        hellaswag.evaluate(model, str(path), batch_size=2)
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\n"])
+def test_no_examples_is_an_error(tmp_path, content):
+    path = tmp_path / "hs.jsonl"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="hs.jsonl: no examples"):
+        hellaswag.evaluate(None, str(path))
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="limit must be None .all examples. or an integer >= 1"):
+            hellaswag.evaluate(None, str(path), limit=bad)
+
+
+@pytest.mark.parametrize("flag, value", [("--limit", "0"), ("--limit", "-3"), ("--batch-size", "0")])
+def test_cli_rejects_limits_below_one(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        hellaswag.main(["--model", str(tmp_path / "none"), "--data", str(tmp_path / "none.jsonl"), flag, value])
+    assert e.value.code == 2 and f"{flag}: must be >= 1, got {value}" in capsys.readouterr().err
+
+
+def test_download_is_checked(tmp_path, monkeypatch, data_path):
+    target = tmp_path / "cache" / "hellaswag_val.jsonl"
+
+    def fake(body):
+        def retrieve(url, filename):
+            with open(filename, "wb") as f:
+                f.write(body)
+        return retrieve
+
+    good = open(data_path, "rb").read()
+    for body in (good[:-1000], good.replace(b"ctx", b"CTX", 1), b""):  # truncated, altered, empty
+        monkeypatch.setattr(hellaswag.urllib.request, "urlretrieve", fake(body))
+        with pytest.raises(RuntimeError, match="expected sha256 0aa3b888.* and 10,042 lines; deleted it"):
+            hellaswag.download(str(target))
+        assert list(target.parent.iterdir()) == []  # neither the file nor a partial one is left
+    monkeypatch.setattr(hellaswag.urllib.request, "urlretrieve", fake(good))
+    hellaswag.download(str(target))
+    assert target.read_bytes() == good and list(target.parent.iterdir()) == [target]
+
+
+def test_torchrun_splits_examples_across_ranks(hf_dir, data_path, tmp_path):
+    """torchrun -m gpt2.hellaswag, 2 gloo ranks: one JSON line (rank 0), the numbers of one process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cli = ["--model", hf_dir[0], "--data", data_path, "--limit", "5", "--batch-size", "2", "--device", "cpu", "--json"]
+    one = hellaswag.main(cli)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2.hellaswag", *cli]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1, p.stdout  # rank 0 only
+    got = json.loads(lines[0])
+    assert got["n"] == 5 and got == pytest.approx(one, abs=1e-12)

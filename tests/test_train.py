@@ -304,7 +304,7 @@ def test_sample_length_is_checked_before_training(text, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "-4"), ("--seq-len", "0"), ("--seq-len", "-16"),
-                                         ("--total-batch-size", "0"), ("--warmup-steps", "-1")])
+                                         ("--total-batch-size", "0"), ("--warmup-steps", "-1"), ("--hellaswag-limit", "0")])
 def test_sizes_must_be_positive(text, tmp_path, flag, value):
     """0 used to be a ZeroDivisionError, negative a confusing ShardError."""
     with pytest.raises(ValueError, match=f"{flag} must be >= {0 if flag == '--warmup-steps' else 1}, got {value}"):

@@ -42,3 +42,13 @@ def _seed():
 def device():
     """Where kernels run: the GPU when there is one, else the CPU (Triton in its interpreter)."""
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: with 2+ threads on a busy 2-core CI box, thread hand-offs cost more than the math
+    (seen: a plain reference 10x slower). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,13 +14,7 @@ from numerics import assert_close
 CFG = dict(block_size=48, vocab_size=300, n_layer=2, n_head=4, n_embd=32)  # 300 -> 384 padded
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: with 2+ threads on a busy CI box, thread hand-offs cost more than the math."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def random_model(seed=0, **kw):

@@ -286,11 +286,7 @@ def test_linear_cross_entropy(chunk_rows):
     targets[::5] = -1
 
     def grads(fn, dtype):
-        h = hidden.to(dtype).clone().requires_grad_()
-        w = weight.to(dtype).clone().requires_grad_()
-        loss = fn(h, w, targets, -1, v)
-        loss.backward()
-        return loss.detach(), h.grad, w.grad
+        return _linear_grads(fn, hidden, weight, targets, v, dtype)
 
     if chunk_rows is None:
         ours = grads(C.linear_cross_entropy, torch.float32)
@@ -404,11 +400,7 @@ def test_cuda_linear_cross_entropy_bf16():
     targets[::7] = -1
 
     def grads(fn, dtype):
-        h = hidden.to(dtype).clone().requires_grad_()
-        w = weight.to(dtype).clone().requires_grad_()
-        loss = fn(h, w, targets, -1, v)
-        loss.backward()
-        return loss.detach(), h.grad, w.grad
+        return _linear_grads(fn, hidden, weight, targets, v, dtype)
 
     ours = grads(C.linear_cross_entropy, torch.bfloat16)
     ref = grads(R.linear_cross_entropy, torch.bfloat16)
@@ -434,3 +426,11 @@ def test_cuda_opcheck_and_graph_capture():
     torch.cuda.synchronize()
     assert torch.equal(out, expect)
 
+
+def _linear_grads(fn, hidden, weight, targets, v, dtype):
+    """(loss, dhidden, dweight) of fn(hidden, weight, targets, -1, v) on fresh leaves in dtype."""
+    h = hidden.to(dtype).clone().requires_grad_()
+    w = weight.to(dtype).clone().requires_grad_()
+    loss = fn(h, w, targets, -1, v)
+    loss.backward()
+    return loss.detach(), h.grad, w.grad

@@ -864,10 +864,25 @@ def run_cpu(args):
         extra = {"tokens_per_sec": d["tokens_per_sec"]} if d["status"] == "ok" else {"reason": d["reason"]}
         rows.append({"what": what, "provider": "gpt2.generate", "status": d["status"], **extra})
 
+    # 5. Host time of our ops' Python wrappers (Triton launches stubbed): what makes eager training
+    #    host-bound on a GPU (bench/host_overhead.py). A subprocess: it replaces the kernels by stubs.
+    cmd = [sys.executable, "-m", "bench.host_overhead", "--json", "--number", "50" if args.quick else "300"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode == 0:
+        for r in json.loads(proc.stdout)["rows"]:
+            for path in ("fast_path", "custom_op", "torch_backend"):
+                rows.append({"what": f"host time {r['op']} fwd+bwd (launches stubbed)", "provider": path, "status": "ok",
+                             "host_us": r[path]["us"]})
+    else:
+        rows.append({"what": "host time (bench.host_overhead)", "provider": "-", "status": "error",
+                     "reason": (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]})
+
     print("| what | provider | result |\n|---|---|---|")
     for r in rows:
         if r["status"] != "ok":
             res = f"{r['status']}: {report._short(r.get('reason'), 160)}"
+        elif "host_us" in r:
+            res = f"{r['host_us']:.1f} us of host time per call"
         elif "ms" in r:
             res = f"{r['ms']:.3f} ms [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}]"
         else:

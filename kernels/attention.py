@@ -37,7 +37,7 @@ Bytes (floor, s bytes per element): forward reads q, k, v, writes o and the LSE:
   K/V tiles are re-read by every query tile of the same head, from L2.
 
 Eager calls: attention() runs the two ops' own Python implementations under a torch.autograd.Function
-  (_EAGER_FAST_PATH), not through the dispatcher (custom op -> autograd wrapper -> redispatch -> impl): same
+  (kernels/_eager.py), not through the dispatcher (custom op -> autograd wrapper -> redispatch -> impl): same
   kernels, bitwise the same results, fewer layers. Under torch.compile it calls gpt2k::attention_fwd.
   Why it matters: at GPT-2 shapes the kernels are shorter than the CPU work around them. H100, B=16 H=12
   T=1024 D=64 bf16, do_bench medians in one process: kernels fwd 95 us, bwd 310 us (delta 21, dK/dV 190,
@@ -51,6 +51,7 @@ On a GPU each kernel is autotuned (configs and prune function below) per (next p
 in the interpreter each uses one fixed small config (_INTERPRETER_CONFIG).
 """
 import contextlib
+import functools
 import math
 import os
 
@@ -58,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._eager import cdiv, eager_function, fast_path, impl, next_power_of_2
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -371,16 +373,23 @@ _attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, "dkdv", _DKDV_CONFIGS)
 _attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, "dq", _DQ_CONFIGS)
 
 
+def _on_device(t):
+    """Triton launches on the current CUDA device: make it t's (a no-op context when it already is)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
 def _launch(autotuned, kind, grid_rows, bh, args, consts):
     """On a GPU: the autotuned kernel, grid from the chosen config. In the interpreter: the fixed config."""
     if args[0].is_cuda:
-        grid = lambda meta: (triton.cdiv(grid_rows, meta["BLOCK_M" if kind != "dkdv" else "BLOCK_N"]), bh)
-        with torch.cuda.device(args[0].device):
+        grid = lambda meta: (cdiv(grid_rows, meta["BLOCK_M" if kind != "dkdv" else "BLOCK_N"]), bh)
+        with _on_device(args[0]):
             autotuned[grid](*args, **consts)
     else:
         bm, bn = _INTERPRETER_CONFIG[kind]
         rows = bn if kind == "dkdv" else bm
-        autotuned.fn[(triton.cdiv(grid_rows, rows), bh)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        autotuned.fn[(cdiv(grid_rows, rows), bh)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
 
 
 # ---- checks ------------------------------------------------------------------------------------
@@ -443,7 +452,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if o.numel():
         args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T,
-                triton.next_power_of_2(T), LOG2E / math.sqrt(D))
+                next_power_of_2(T), LOG2E / math.sqrt(D))
         _launch(_attn_fwd, "fwd", T, B * H, args, dict(HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype)))
     return o, lse
 
@@ -474,11 +483,11 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     bm = _PREPROCESS_BLOCK_M if q.is_cuda else _INTERPRETER_CONFIG["fwd"][0]
-    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _attn_bwd_preprocess_kernel[(triton.cdiv(T, bm), B * H)](
+    with _on_device(q):
+        _attn_bwd_preprocess_kernel[(cdiv(T, bm), B * H)](
             o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=bm)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    scales = (triton.next_power_of_2(T), 1.0 / math.sqrt(D), LOG2E / math.sqrt(D))
+    scales = (next_power_of_2(T), 1.0 / math.sqrt(D), LOG2E / math.sqrt(D))
     consts = dict(HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype))
     _launch(_attn_bwd_dkdv, "dkdv", T, B * H,
             (q, k, v, do, dk, dv, lse, delta, *common, *_strides(dk), *_strides(dv), H, T, *scales), consts)
@@ -499,37 +508,20 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, do, _dlse):
+def _backward(ctx, do, _dlse, bwd=attention_bwd):
     q, k, v, o, lse = ctx.saved_tensors
-    return attention_bwd(do, q, k, v, o, lse)
+    return bwd(do, q, k, v, o, lse)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerAttention(torch.autograd.Function):
-    """The ops' own Python implementations under a plain autograd.Function: same kernels, same launches,
-    bitwise the same results, without the custom-op dispatch layers (their CPU cost, paid before the
-    first kernel of each call, is larger than the backward's kernels at GPT-2 shapes)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        o, lse = attention_fwd._init_fn(q, k, v)
-        ctx.save_for_backward(q, k, v, o, lse)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        return attention_bwd._init_fn(do, *ctx.saved_tensors)
-
-
-_EAGER_FAST_PATH = True  # eager calls of attention() skip the dispatcher; torch.compile traces the ops
+_EagerAttention = eager_function(  # kernels/_eager.py: the same, without the dispatcher, for eager calls
+    attention_fwd, _setup_context, functools.partial(_backward, bwd=impl(attention_bwd)), "_EagerAttention")
 
 
 def attention(q, k, v):
     """Same as kernels.reference.attention: causal softmax(q k^T / sqrt(D)) v for q, k, v (B, H, T, D)."""
-    if _EAGER_FAST_PATH and not torch.compiler.is_compiling():
-        return _EagerAttention.apply(q, k, v)
+    if fast_path():
+        return _EagerAttention.apply(q, k, v)[0]
     return attention_fwd(q, k, v)[0]
 
 

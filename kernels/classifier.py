@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from kernels._eager import fast_path
+
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = [_CSRC / "classifier.cpp", _CSRC / "classifier.cu"]
 
@@ -191,6 +193,21 @@ def _backward(ctx, grad_loss, _grad_dlogits):
     return dlogits * grad_loss.to(dlogits.dtype), None, None, None, None, None
 
 
+class _EagerCrossEntropy(torch.autograd.Function):
+    """Eager fast path: the extension's op called below autograd, with the same setup_context and backward
+    as its registered autograd formula (kernels/_eager.py)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = torch.ops.gpt2k_cuda.cross_entropy_fwd(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
+
+
 def _register_python_parts():
     torch.library.register_fake("gpt2k_cuda::cross_entropy_fwd")(_fwd_fake)
     torch.library.register_fake("gpt2k_cuda::cross_entropy_grad_")(_grad_fake)
@@ -222,7 +239,11 @@ def cross_entropy(logits, targets, ignore_index=-1, vocab_size=None):
         x = x.contiguous()
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     t = targets.reshape(-1).contiguous()
-    loss, _ = torch.ops.gpt2k_cuda.cross_entropy_fwd(x, t, ignore_index, vocab_size, compute_grad, CHECK_ROWS)
+    args = (x, t, ignore_index, vocab_size, compute_grad, CHECK_ROWS)
+    if fast_path():  # kernels/_eager.py: skip the op's Python autograd layer in eager mode
+        loss = _EagerCrossEntropy.apply(*args)[0]
+    else:
+        loss, _ = torch.ops.gpt2k_cuda.cross_entropy_fwd(*args)
     if CHECK_ROWS and not torch.compiler.is_compiling():
         from kernels.linear_cross_entropy import check_loss
 

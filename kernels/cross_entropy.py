@@ -27,12 +27,14 @@ target of an otherwise finite row is a legitimate +inf loss, as in F.cross_entro
 Test:   pytest tests/test_cross_entropy.py   (Triton's interpreter without a GPU)
 Bench:  python bench/run.py cross_entropy     (GPU)
 """
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels._eager import cdiv, eager_function, fast_path, impl, next_power_of_2
 from kernels.linear_cross_entropy import check_loss, chunked_linear_cross_entropy
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -116,7 +118,7 @@ _SCALE_BLOCK = 2048
 
 def _config(n_cols):
     """(BLOCK, num_warps): 4096-wide blocks (16 elements per thread at 8 warps) for GPT-2's vocab."""
-    block = min(4096, triton.next_power_of_2(max(n_cols, 16)))
+    block = min(4096, next_power_of_2(max(n_cols, 16)))
     return block, (8 if block >= 2048 else 4 if block >= 512 else 1)
 
 
@@ -199,7 +201,7 @@ def _scale_(dlogits: torch.Tensor, grad_output: torch.Tensor) -> None:
     """dlogits *= grad_output (a 0-d fp32 tensor), in place; reads nothing when grad_output == 1."""
     n = dlogits.numel()
     if n:
-        _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](dlogits, grad_output, n, BLOCK=_SCALE_BLOCK, num_warps=4)
+        _scale_kernel[(cdiv(n, _SCALE_BLOCK),)](dlogits, grad_output, n, BLOCK=_SCALE_BLOCK, num_warps=4)
 
 
 @_scale_.register_fake
@@ -212,7 +214,7 @@ def _setup_context(ctx, inputs, output):
     ctx.rows = inputs[0].shape[0]
 
 
-def _backward(ctx, grad_loss, _grad_dlogits):
+def _backward(ctx, grad_loss, _grad_dlogits, scale_=_scale_):
     # Eager: scale the saved dlogits in place and hand them on: no second N x V buffer, and no pass
     # over it at all when grad_output is 1. The price: one backward per forward; a second one
     # (retain_graph=True) fails autograd's saved-tensor version check instead of scaling twice.
@@ -223,11 +225,18 @@ def _backward(ctx, grad_loss, _grad_dlogits):
         raise RuntimeError("cross_entropy: backward needs the forward to run with compute_grad=True")
     if type(dlogits) is not torch.Tensor:
         return dlogits * grad_loss, None, None, None, None
-    _scale_(dlogits, grad_loss.float().contiguous())
+    scale_(dlogits, grad_loss.float().contiguous())
     return dlogits, None, None, None, None
 
 
+def _scale_eager_(dlogits, grad_output):
+    impl(_scale_)(dlogits, grad_output)
+    torch.autograd.graph.increment_version(dlogits)  # what the custom op does for a mutated argument
+
+
 _cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
+_EagerCrossEntropy = eager_function(  # kernels/_eager.py: the same, without the dispatcher, for eager calls
+    _cross_entropy_op, _setup_context, functools.partial(_backward, scale_=_scale_eager_), "_EagerCrossEntropy")
 
 
 def cross_entropy(logits, targets, ignore_index=-1, vocab_size=None):
@@ -235,6 +244,8 @@ def cross_entropy(logits, targets, ignore_index=-1, vocab_size=None):
     which the first `vocab_size` columns are real. Same semantics as kernels.reference.cross_entropy."""
     vocab_size = logits.shape[-1] if vocab_size is None else vocab_size
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    if fast_path():
+        return _EagerCrossEntropy.apply(logits, targets, ignore_index, vocab_size, compute_grad)[0]
     loss, _ = _cross_entropy_op(logits, targets, ignore_index, vocab_size, compute_grad)
     return loss
 

@@ -16,12 +16,14 @@ At 16384 x 3072 bf16: fwd 201 MB, bwd 302 MB. Total equals the floor: every elem
 
 Test: pytest tests/test_gelu.py. Benchmark: python bench/run.py (gelu); static report: compile_specs().
 """
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels._eager import cdiv, eager_function, fast_path, impl
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -91,7 +93,7 @@ def gelu_fwd(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n = xc.numel()
     if n:
-        _gelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](xc, y, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _gelu_fwd_kernel[(cdiv(n, BLOCK),)](xc, y, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return y
 
 
@@ -111,7 +113,7 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n = xc.numel()
     if n:
-        _gelu_bwd_kernel[(triton.cdiv(n, BLOCK),)](dyc, xc, dx, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        _gelu_bwd_kernel[(cdiv(n, BLOCK),)](dyc, xc, dx, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dx
 
 
@@ -125,16 +127,20 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, bwd=gelu_bwd):
     (x,) = ctx.saved_tensors
-    return gelu_bwd(dy, x)
+    return bwd(dy, x)
 
 
 gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+_EagerGelu = eager_function(  # kernels/_eager.py: the same, without the dispatcher, for eager calls
+    gelu_fwd, _setup_context, functools.partial(_backward, bwd=impl(gelu_bwd)), "_EagerGelu")
 
 
 def gelu(x):
     """Same as kernels.reference.gelu: tanh-approximation GELU, output in x's dtype."""
+    if fast_path():
+        return _EagerGelu.apply(x)
     return gelu_fwd(x)
 
 

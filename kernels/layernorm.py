@@ -22,12 +22,14 @@ over the floor if none of it stayed in L2 (most of it does). Unique bytes in `py
 Test: pytest tests/test_layernorm.py (interpreter on CPU, real kernel on a GPU).
 Benchmark: python bench/run.py (layer_norm); static report: compile_specs() via kernels/_triton_utils.py.
 """
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels._eager import cdiv, eager_function, fast_path, impl, next_power_of_2
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -116,17 +118,19 @@ def _layer_norm_bwd_kernel(
     tl.store(db_part_ptr + pid * C + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
-def _tile(C, device=None):
+@functools.lru_cache(maxsize=None)
+def _tile(C, on_gpu=True):
     """(BLOCK_R, BLOCK_C, num_warps): whole rows, ~4096 elements per tile, ~16 elements per thread
     (two 128-bit loads of bf16), e.g. C = 768 -> 4 rows x 1024, 8 warps. On the CPU (Triton's
     interpreter, whose cost is per program and per op, not per element) tiles are 8x taller."""
-    block_c = triton.next_power_of_2(C)
-    elements = 4096 if device is None or device.type == "cuda" else 32768
+    block_c = next_power_of_2(C)
+    elements = 4096 if on_gpu else 32768
     block_r = max(1, min(64, elements // block_c))
     num_warps = max(1, min(16, block_r * block_c // 512))
     return block_r, block_c, num_warps
 
 
+@functools.lru_cache(maxsize=None)
 def _programs_target(device):
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -194,8 +198,8 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     x2 = _rows(x)
     N = x2.shape[0]
     if N:
-        block_r, block_c, num_warps = _tile(C, x.device)
-        _layer_norm_fwd_kernel[(triton.cdiv(N, block_r),)](
+        block_r, block_c, num_warps = _tile(C, x.is_cuda)
+        _layer_norm_fwd_kernel[(cdiv(N, block_r),)](
             x2, weight.contiguous(), bias.contiguous(), y, mean, rstd, x2.stride(0), N, C, eps,
             BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
     return y, mean, rstd
@@ -221,10 +225,10 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     if N == 0:
         zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
         return dx, zeros, zeros.clone()
-    block_r, block_c, num_warps = _tile(C, x.device)
-    tiles = triton.cdiv(N, block_r)
-    tiles_per_program = triton.cdiv(tiles, _programs_target(x.device))
-    programs = triton.cdiv(tiles, tiles_per_program)
+    block_r, block_c, num_warps = _tile(C, x.is_cuda)
+    tiles = cdiv(N, block_r)
+    tiles_per_program = cdiv(tiles, _programs_target(x.device))
+    programs = cdiv(tiles, tiles_per_program)
     dw_part = torch.empty((programs, C), dtype=torch.float32, device=x.device)  # each program writes its row
     db_part = torch.empty_like(dw_part)
     _layer_norm_bwd_kernel[(programs,)](
@@ -249,13 +253,15 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _backward(ctx, dy, _dmean, _drstd, bwd=layer_norm_bwd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd)
+    dx, dw, db = bwd(dy, x, weight, mean, rstd)
     return dx, dw.to(weight.dtype), db.to(ctx.bias_dtype), None
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_EagerLayerNorm = eager_function(  # kernels/_eager.py: the same, without the dispatcher, for eager calls
+    layer_norm_fwd, _setup_context, functools.partial(_backward, bwd=impl(layer_norm_bwd)), "_EagerLayerNorm")
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
@@ -266,6 +272,8 @@ def layer_norm(x, weight, bias, eps=1e-5):
         weight = torch.ones(C, dtype=x.dtype, device=x.device)
     if bias is None:
         bias = torch.zeros(C, dtype=x.dtype, device=x.device)
+    if fast_path():
+        return _EagerLayerNorm.apply(x, weight, bias, float(eps))[0]
     return layer_norm_fwd(x, weight, bias, float(eps))[0]
 
 
@@ -274,7 +282,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
 def compile_specs():
     """The kernels as the JIT specializes them for GPT-2: (B*T, 768) bf16 rows, all pointers, strides,
     N and C divisible by 16; weights in bf16 and in fp32 (autocast)."""
-    block_r, block_c, num_warps = _tile(768)
+    block_r, block_c, num_warps = _tile(768, on_gpu=True)
     consts = {"BLOCK_R": block_r, "BLOCK_C": block_c}
     specs = []
     for wt in ("bf16", "fp32"):

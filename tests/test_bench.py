@@ -430,6 +430,9 @@ def test_cpu_mode_notes_and_exits_zero(tmp_path):
     assert report.validate(doc) == []
     whats = " ".join(r["what"] for r in doc["cpu"])
     assert "cross_entropy" in whats and "data loader" in whats and "gpt2.train tiny" in whats
+    host = [r for r in doc["cpu"] if r["what"].startswith("host time")]
+    assert {r["provider"] for r in host} == {"fast_path", "custom_op", "torch_backend"}, host
+    assert all(r["status"] == "ok" and r["host_us"] > 0 for r in host), host
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,0 +1,125 @@
+"""Host (CPU) time of one fwd+bwd call of each op, with every Triton kernel launch stubbed out.
+
+    python -m bench.host_overhead [--json]
+
+Why: at GPT-2 124M shapes eager training with our kernels is host-bound on an H100 (bench/NOTES.md):
+the Python work around a launch costs more than the kernel's device time. This measures that Python
+work on any machine, without a GPU: CPU tensors of tiny shapes, each Triton kernel in the op's module
+replaced by a stub whose launch does nothing, so what is timed is our wrapper (checks, allocations,
+autograd) and PyTorch's dispatch, not the kernel and not Triton's own launcher (which a GPU adds on top).
+Three paths per op: the eager fast path (kernels/_eager.py), the same call through the custom op
+(dispatcher + the op's registered autograd), and the `torch` backend on the same tiny tensors (real
+but tiny CPU compute: a rough eager-PyTorch yardstick, not a like-for-like figure).
+The last column estimates the host time of one GPT-2 124M micro-step's calls of that op (fast path).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+CALLS_PER_STEP = {"layer_norm": 25, "gelu": 12, "attention": 12, "cross_entropy (triton)": 1}
+
+
+def _stub_kernels(modules):
+    """Replace every Triton kernel object (JIT function, autotuner, interpreter function) in `modules`
+    with one whose launch `kernel[grid](...)` does nothing."""
+    class Stub:
+        fn = property(lambda self: self)
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    stubbed = 0
+    for mod in modules:
+        for name, obj in list(vars(mod).items()):
+            if type(obj).__name__ in ("JITFunction", "InterpretedFunction", "Autotuner", "Heuristics"):
+                setattr(mod, name, Stub())
+                stubbed += 1
+    return stubbed
+
+
+def _time_us(fn, reps=7, number=300):
+    for _ in range(30):
+        fn()
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - t0) / number * 1e6)
+    return statistics.median(samples), min(samples), max(samples)
+
+
+def measure(number=300):
+    # The triton backend accepts CPU tensors only in interpreter mode (checked at each call); with the
+    # kernels stubbed it does not matter whether triton was imported in that mode.
+    os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    from kernels import _eager
+    from kernels import attention as at
+    from kernels import cross_entropy as ce
+    from kernels import gelu as ge
+    from kernels import layernorm as ln
+    from kernels import reference as ref
+
+    for mod in (ln, ge, at, ce):
+        if not _stub_kernels((mod,)):
+            raise RuntimeError(f"bench.host_overhead: found no Triton kernel to stub in {mod.__name__}")
+    torch.set_num_threads(1)
+    x, w, b = torch.randn(8, 768), torch.randn(768), torch.randn(768)
+    g = torch.randn(8, 3072)
+    q = torch.randn(1, 2, 16, 64, dtype=torch.float16)
+    logits, targets = torch.randn(8, 128), torch.randint(0, 100, (8,))
+    cases = {  # op -> (ours, reference, inputs that need grad)
+        "layer_norm": (lambda x, w, b: ln.layer_norm(x, w, b), ref.layer_norm, (x, w, b)),
+        "gelu": (ge.gelu, ref.gelu, (g,)),
+        "attention": (lambda q: at.attention(q, q, q), lambda q: ref.attention(q, q, q), (q,)),
+        "cross_entropy (triton)": (lambda lg: ce.cross_entropy(lg, targets, -1, 100),
+                                   lambda lg: ref.cross_entropy(lg, targets, -1, 100), (logits,)),
+    }
+    rows = []
+    for op, (ours, reference, inputs) in cases.items():
+        leaves = [t.clone().requires_grad_() for t in inputs]
+
+        def fwd_bwd(fn=None):
+            y = fn(*leaves)
+            y.backward(torch.ones_like(y))
+
+        result = {"op": op}
+        for path, fn, enabled in (("fast_path", ours, True), ("custom_op", ours, False), ("torch_backend", reference, True)):
+            _eager.ENABLED = enabled
+            med, lo, hi = _time_us(lambda fn=fn: fwd_bwd(fn), number=number)
+            result[path] = {"us": med, "us_min": lo, "us_max": hi}
+        _eager.ENABLED = True
+        result["calls_per_step"] = CALLS_PER_STEP[op]
+        result["ms_per_step_fast_path"] = CALLS_PER_STEP[op] * result["fast_path"]["us"] / 1e3
+        rows.append(result)
+    return {"what": "host time per fwd+bwd call, Triton launches stubbed, CPU tensors", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "rows": rows}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--number", type=int, default=300, help="calls per timing sample (7 samples, median)")
+    args = p.parse_args(argv)
+    if args.number < 1:
+        p.error(f"--number must be >= 1, got {args.number}")
+    doc = measure(args.number)
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    print(f"# {doc['what']} (torch {doc['torch']}, {doc['threads']} thread); medians of 7 samples, us")
+    print("| op | fast path | custom op | torch backend (tiny CPU compute) | calls/step | fast path ms/step |")
+    print("|---|---|---|---|---|---|")
+    for r in doc["rows"]:
+        print(f"| {r['op']} | {r['fast_path']['us']:.1f} | {r['custom_op']['us']:.1f} | {r['torch_backend']['us']:.1f} | "
+              f"{r['calls_per_step']} | {r['ms_per_step_fast_path']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

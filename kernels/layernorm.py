@@ -89,6 +89,7 @@ def _layer_norm_bwd_kernel(
     tiles_per_program,  # program p handles row tiles [p * tiles_per_program, (p + 1) * tiles_per_program)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    STAGES: tl.constexpr,  # software pipelining of the tile loop's loads (1: none; 2+: cp.async prefetch)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
@@ -97,7 +98,7 @@ def _layer_norm_bwd_kernel(
     dw_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     first = pid * tiles_per_program
-    for tile in range(first, first + tiles_per_program):
+    for tile in tl.range(first, first + tiles_per_program, num_stages=STAGES):
         rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < N  # the last program's surplus tiles are fully masked
         mask = row_ok[:, None] & col_ok[None, :]
@@ -130,10 +131,16 @@ def _tile(C, on_gpu=True):
     return block_r, block_c, num_warps
 
 
+# Backward launch: programs per SM and loop pipelining stages. Measured on an H100 (bench/NOTES.md):
+# 4 per SM, no pipelining, 74 us at 16384 x 768 bf16. `python bench/ln_tune.py` sweeps the alternatives.
+BWD_PROGRAMS_PER_SM = 4
+BWD_STAGES = 1
+
+
 @functools.lru_cache(maxsize=None)
 def _programs_target(device):
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter runs programs one after another: few programs, same code path
 
 
@@ -234,7 +241,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     _layer_norm_bwd_kernel[(programs,)](
         dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, dw_part, db_part,
         dy2.stride(0), x2.stride(0), N, C, tiles_per_program,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        BLOCK_R=block_r, BLOCK_C=block_c, STAGES=BWD_STAGES, num_warps=num_warps)
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
@@ -298,8 +305,8 @@ def compile_specs():
             signature={"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": f"*{wt}", "mean_ptr": "*fp32",
                        "rstd_ptr": "*fp32", "dx_ptr": "*bf16", "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32",
                        "stride_dy": "i32", "stride_x": "i32", "N": "i32", "C": "i32", "tiles_per_program": "i32",
-                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-            constexprs=consts, num_warps=num_warps,
+                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "STAGES": "constexpr"},
+            constexprs={**consts, "STAGES": BWD_STAGES}, num_warps=num_warps,
             aligned=("dy_ptr", "x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "dx_ptr", "dw_part_ptr", "db_part_ptr",
                      "stride_dy", "stride_x", "N", "C")))
     return specs

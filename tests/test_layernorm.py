@@ -4,6 +4,7 @@ Rule (tests/numerics.py): the kernel's max error against float64 may be at most 
 op run in the same dtypes, plus a small atol. On CPU the kernels run in Triton's interpreter.
 float64 is not supported by the kernel (stats are fp32 by design): it raises, as do integer dtypes.
 """
+import math
 import os
 
 import pytest
@@ -218,3 +219,28 @@ def test_model_triton_layer_norm_and_gelu_match_torch(device):
         scale = g_ref.abs().max().item()
         err = (g - g_ref).abs().max().item()
         assert err <= 1e-5 * scale + 1e-8, f"{name}: max |grad diff| {err:.3g} (max |grad| {scale:.3g})"
+
+
+def test_tuner_candidates_are_correct(device):
+    """bench/ln_tune.py's sweep (what a GPU session runs to pick the launch configs): every forward and
+    backward candidate's output checked against float64, here in the interpreter with a stand-in timer
+    (one call each, no timing), including a shape whose rows do not fill the last tile."""
+    from bench import ln_tune
+
+    calls = []
+
+    def timer(fns):
+        for f in fns:
+            f()
+        calls.append(len(fns))
+        return 1.0
+
+    rows = ln_tune.sweep(37, 40, [(1, 1), (4, 8), (16, 16)], [(4, 8, 1, 4), (2, 4, 2, 2), (1, 2, 3, 8)], 1.0,
+                         lambda r: None, device=device, timer=timer)
+    assert len(rows) == 6 and calls == [ln_tune.SETS] * 6
+    for r in rows:
+        assert "error" not in r, r
+        assert r["bad"] == [], r
+        assert all(math.isfinite(e) for e in r["max_err"].values()), r
+    compiled = {s.name for s in ln_tune.compile_specs()}
+    assert len(compiled) == len(ln_tune.FWD) + len({c[:3] for c in ln_tune.BWD})

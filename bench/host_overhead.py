@@ -11,6 +11,7 @@ Three paths per op: the eager fast path (kernels/_eager.py), the same call throu
 (dispatcher + the op's registered autograd), and the `torch` backend on the same tiny tensors (real
 but tiny CPU compute: a rough eager-PyTorch yardstick, not a like-for-like figure).
 The last column estimates the host time of one GPT-2 124M micro-step's calls of that op (fast path).
+The last row is a whole micro-step: the 12-layer model, forward + backward, at tiny widths.
 """
 import argparse
 import json
@@ -65,6 +66,11 @@ def measure(number=300):
     from kernels import layernorm as ln
     from kernels import reference as ref
 
+    import kernels
+
+    # As gpt2.train runs: no per-call row check of the loss (a host sync on a GPU); the stubbed kernels
+    # also leave the per-row losses unset, which the check would reject.
+    kernels.set_loss_row_checks(False)
     for mod in (ln, ge, at, ce):
         if not _stub_kernels((mod,)):
             raise RuntimeError(f"bench.host_overhead: found no Triton kernel to stub in {mod.__name__}")
@@ -97,8 +103,34 @@ def measure(number=300):
         result["calls_per_step"] = CALLS_PER_STEP[op]
         result["ms_per_step_fast_path"] = CALLS_PER_STEP[op] * result["fast_path"]["us"] / 1e3
         rows.append(result)
+    rows.append(_model_row(torch, _eager, number))
     return {"what": "host time per fwd+bwd call, Triton launches stubbed, CPU tensors", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "rows": rows}
+
+
+def _model_row(torch, _eager, number):
+    """One GPT-2 micro-step's host time: the 124M model's 12 layers and every op call, at widths so small
+    (C = 64, 2 heads of 32, vocab 128, B = 1, T = 8) that the CPU compute is negligible: the forward +
+    backward of the whole model, kernels=triton (stubbed launches) against kernels=torch."""
+    from gpt2.model import GPT, GPTConfig
+
+    config = GPTConfig(block_size=8, vocab_size=128, n_layer=12, n_head=2, n_embd=64)
+    idx = torch.randint(0, 128, (1, 8))
+    result = {"op": "GPT-2 micro-step (12 layers, tiny widths)"}
+    for path, spec, enabled in (("fast_path", "triton", True), ("custom_op", "triton", False), ("torch_backend", "torch", True)):
+        torch.manual_seed(0)
+        model = GPT(config, kernels=spec)
+        _eager.ENABLED = enabled
+
+        def step(model=model):
+            _, loss = model(idx, idx)
+            loss.backward()
+        med, lo, hi = _time_us(step, reps=5, number=max(1, number // 10))
+        result[path] = {"us": med, "us_min": lo, "us_max": hi}
+    _eager.ENABLED = True
+    result["calls_per_step"] = 1
+    result["ms_per_step_fast_path"] = result["fast_path"]["us"] / 1e3
+    return result
 
 
 def main(argv=None):

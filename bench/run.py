@@ -543,20 +543,26 @@ def _finish(doc, args, kind, path=None):
 # ---- end to end --------------------------------------------------------------------------------
 
 def e2e_configs():
-    """(name, spec, compile): the headline configurations, then one single-op switch from torch each."""
-    runs = [("torch", False), ("torch", True), ("triton", False), ("triton,cross_entropy=cuda", False),
-            ("triton", True), ("triton,cross_entropy=cuda", True)]
-    runs += [(f"torch,{op}={be}", False) for op, be in specs.E2E_ABLATIONS]
-    return [(spec + (" --compile" if c else ""), spec, c) for spec, c in runs]
+    """(name, spec, flags): the headline configurations, the host-overhead cures (--cuda-graph: the eager
+    micro-step replayed from a CUDA graph; torch.compile's reduce-overhead mode), then one single-op switch
+    from torch each. `flags` are extra gpt2.train arguments; the name is the spec followed by them."""
+    reduce_overhead = ("--compile", "--compile-mode", "reduce-overhead")
+    runs = [("torch", ()), ("torch", ("--compile",)), ("triton", ()), ("triton,cross_entropy=cuda", ()),
+            ("triton", ("--compile",)), ("triton,cross_entropy=cuda", ("--compile",)),
+            ("torch", ("--cuda-graph",)), ("triton,cross_entropy=cuda", ("--cuda-graph",)),
+            ("torch", reduce_overhead), ("triton,cross_entropy=cuda", reduce_overhead)]
+    runs += [(f"torch,{op}={be}", ()) for op, be in specs.E2E_ABLATIONS]
+    return [(" ".join((spec, *flags)), spec, flags) for spec, flags in runs]
 
 
-QUICK_E2E = ("torch", "triton", "triton,cross_entropy=cuda")
+# --quick: the eager headline runs and the same with --cuda-graph (no compile time: a few minutes in all)
+QUICK_E2E = ("torch", "triton", "triton,cross_entropy=cuda", "torch --cuda-graph", "triton,cross_entropy=cuda --cuda-graph")
 
 
 def e2e_selected(args):
-    """The (name, spec, compile) runs of this invocation: --quick keeps the three eager headline runs,
-    --e2e-filter the names its regex matches (both: the intersection)."""
-    return [(name, spec, c) for name, spec, c in e2e_configs()
+    """The (name, spec, flags) runs of this invocation: --quick keeps QUICK_E2E, --e2e-filter the names
+    its regex matches (both: the intersection)."""
+    return [(name, spec, flags) for name, spec, flags in e2e_configs()
             if (not args.e2e_filter or re.search(args.e2e_filter, name))
             and (not args.quick or name in QUICK_E2E)]
 
@@ -590,15 +596,15 @@ def run_e2e(args, runner=None):
     path = None
     print(f"# --e2e: {len(selected)} run(s) of {args.e2e_steps} steps (first {args.e2e_warmup} excluded), "
           f"B={args.e2e_batch} T={args.e2e_seq}, timeout {args.e2e_timeout} s each", flush=True)
-    for name, spec, compiled in selected:
-        row = {"name": name, "spec": spec, "compile": compiled}
+    for name, spec, flags in selected:
+        row = {"name": name, "spec": spec, "compile": "--compile" in flags, "flags": list(flags)}
         try:
             kernels.get_ops(spec)
         except (kernels.BackendUnavailable, ValueError) as e:
             rows.append({**row, "status": "unavailable", "reason": str(e).replace("\n", " ")})
         else:
             try:
-                rows.append({**row, **runner(spec, compiled, args, out / "e2e" / _slug(name))})
+                rows.append({**row, **runner(spec, flags, args, out / "e2e" / _slug(name))})
             except Exception as e:  # a bug here must not lose the runs before it
                 rows.append({**row, "status": "error", "reason": f"{type(e).__name__}: {e}"[:1000]})
         r = rows[-1]
@@ -614,8 +620,9 @@ def _slug(name):
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
-def train_run(spec, compiled, args, out, model="gpt2"):
-    """Run gpt2.train for args.e2e_steps steps; summarize log.jsonl without the warm-up steps."""
+def train_run(spec, flags, args, out, model="gpt2"):
+    """Run gpt2.train for args.e2e_steps steps with the extra trainer arguments `flags` (e.g. ("--cuda-graph",));
+    summarize log.jsonl without the warm-up steps."""
     import shutil
 
     if out.exists():
@@ -624,9 +631,8 @@ def train_run(spec, compiled, args, out, model="gpt2"):
     cmd = [sys.executable, "-m", "gpt2.train", "--model", model, "--kernels", spec, "--batch-size", str(B),
            "--seq-len", str(T), "--total-batch-size", str(B * T), "--max-steps", str(args.e2e_steps),
            "--out", str(out), "--eval-every", "0", "--hellaswag-every", "0", "--sample-every", "0",
-           "--sample-tokens", "0", "--checkpoint-every", "0", "--no-checkpoint", "--data", args.data, "--quiet"]
-    if compiled:
-        cmd.append("--compile")
+           "--sample-tokens", "0", "--checkpoint-every", "0", "--no-checkpoint", "--data", args.data, "--quiet",
+           *flags]
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.e2e_timeout)
@@ -856,7 +862,7 @@ def run_cpu(args):
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        r = train_run("torch", False, ns, Path(d) / "tiny", model="tiny")
+        r = train_run("torch", (), ns, Path(d) / "tiny", model="tiny")
     rows.append({"what": f"gpt2.train tiny B=4 T=128 {ns.e2e_steps} steps (first {ns.e2e_warmup} excluded)", "provider": "torch", **r})
     # 4. Decode throughput with the KV cache (tiny and 124M, random weights).
     for d in decode_rows("cpu", args.quick):
@@ -906,7 +912,8 @@ def parse_args(argv):
     a = p.add_argument
     a("ops", nargs="*", help=f"ops to time (default all): {', '.join(sorted({b.op for b in specs.BENCHES}))}")
     a("--ops", dest="ops_opt", default=None, help="comma-separated ops (same as the positional list)")
-    a("--quick", action="store_true", help="one shape per op, shorter repetitions; with --e2e: the three eager headline runs")
+    a("--quick", action="store_true", help="one shape per op, shorter repetitions; with --e2e: the eager headline runs, "
+      "without and with --cuda-graph")
     a("--rep", type=int, default=None, help="do_bench repetition time in ms (default 100, --quick 50); "
       "also the time spent replaying each CUDA graph")
     a("--no-graphs", action="store_true", help="skip the CUDA-graph (device-only) timings")
@@ -916,8 +923,10 @@ def parse_args(argv):
     a("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two results; exit 1 if anything is >5%% slower")
     a("--e2e", action="store_true", help="end-to-end gpt2.train runs instead of kernel timings")
     a("--e2e-steps", type=int, default=15, help="optimizer steps per e2e run (default 15: ~1 s of steps on an H100)")
-    a("--e2e-warmup", type=int, default=5, help="first steps excluded (compile, autotune, allocator warm-up)")
-    a("--e2e-filter", default=None, help="regex on the run name, e.g. '^triton' or 'compile'")
+    a("--e2e-warmup", type=int, default=5, help="first steps excluded (compile, autotune, allocator warm-up, "
+      "CUDA-graph capture)")
+    a("--e2e-filter", default=None, help="regex on the run name (the spec and its trainer flags), e.g. '^triton', "
+      "'compile' or 'cuda-graph|reduce-overhead'")
     a("--e2e-batch", type=int, default=16, help="micro-batch; total batch = B * T (one micro-step per step)")
     a("--e2e-seq", type=int, default=1024)
     a("--e2e-timeout", type=int, default=300, help="seconds per training run")

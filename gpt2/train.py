@@ -9,7 +9,9 @@ gradient sync only on the last one; the loss stays on the device and is read onc
 with the grad norm (the only host sync). Then: LR (linear warmup, cosine decay to --min-lr), clip,
 AdamW from the backend (`model.ops.AdamW`, decay on 2-D weights only), and every --eval-every /
 --hellaswag-every / --sample-every / --checkpoint-every steps (0 = off) the evaluations and the
-checkpoint, always also at the last step.
+checkpoint, always also at the last step. --compile [--compile-mode MODE] runs torch.compile(model,
+mode=MODE); --cuda-graph (one CUDA process, no --compile) runs the first step eagerly, then replays each
+micro-step from one captured CUDA graph (CUDAGraphMicroStep; the loss curve is the eager one).
 
 OUT/config.json (written at start): args, kernels, kernel_backends, world_size, grad_accum_steps,
 model_config, num_params, flops_per_token, peak_flops, device_name, torch_version, triton_version,
@@ -44,6 +46,9 @@ class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, bad arguments found late); the message says why."""
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=...)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m gpt2.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -57,6 +62,12 @@ def build_parser():
     a("--data", default="shakespeare", help="'shakespeare' (built in), a .txt file, or a folder of *_train_*/*_val_* shards")
     a("--kernels", default=None, help="kernel spec (kernels.get_ops); default: 'triton,cross_entropy=cuda' with a GPU, else 'torch'")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile-mode", default=None, choices=COMPILE_MODES,
+      help="torch.compile's mode, only with --compile (not given: 'default'); reduce-overhead also replays the "
+           "compiled code from CUDA graphs")
+    a("--cuda-graph", action="store_true",
+      help="capture one training micro-step in a CUDA graph after the first (eager) step and replay it: no Python "
+           "per kernel (one CUDA process; not with --compile: use --compile --compile-mode reduce-overhead)")
     a("--device", default=None, help="cuda or cpu (default: cuda when visible); under torchrun cuda:LOCAL_RANK")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype; auto: bfloat16 on GPU, float32 on CPU")
     a("--batch-size", type=int, default=None, help="micro-batch per rank (default 16 on CPU, 64 on GPU)")
@@ -125,6 +136,10 @@ def resolve_defaults(args, device):
         args.min_lr = args.lr / 10
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.max_steps // 20)
+    if args.compile_mode is not None and not args.compile:
+        raise ValueError(f"--compile-mode {args.compile_mode} needs --compile (it is torch.compile's mode)")
+    if args.compile and args.compile_mode is None:
+        args.compile_mode = "default"  # without --compile it stays None: no mode applies
     for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_steps", "sample_tokens", "eval_tokens",
                  "warmup_steps"):
         if getattr(args, name) < 0:
@@ -133,6 +148,20 @@ def resolve_defaults(args, device):
         value = getattr(args, name)
         if value is not None and value < 1:  # None: filled in later from the model (seq_len, total_batch_size)
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def check_cuda_graph_args(args, device, world):
+    """--cuda-graph: one CUDA process, no --compile. Raises ValueError before anything is built; never a
+    silent fallback to eager."""
+    if not args.cuda_graph:
+        return
+    if args.compile:
+        raise ValueError("--cuda-graph captures the eager model and does not combine with --compile; for CUDA graphs "
+                         "of a compiled model use --compile --compile-mode reduce-overhead instead")
+    if world > 1:
+        raise ValueError(f"--cuda-graph does not support DDP yet (world size {world}): run one process, or drop --cuda-graph")
+    if device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA GPU (the device is {device})")
 
 
 def lr_at(step, args):
@@ -153,7 +182,8 @@ def build_optimizer(model, args):
 
 
 # Arguments that change a run's math: a resumed run must use the values saved in its checkpoint.
-# The rest (kernels, compile, dtype, device, eval/sample/checkpoint cadence, out, quiet) may differ.
+# The rest (kernels, compile, compile mode, cuda graph, dtype, device, eval/sample/checkpoint cadence, out, quiet)
+# may differ.
 RESUME_MUST_MATCH = ("model", "n_layer", "n_head", "n_embd", "block_size", "init_from", "data", "batch_size", "seq_len",
                      "total_batch_size", "max_steps", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2",
                      "grad_clip", "seed")
@@ -167,8 +197,8 @@ def check_resume_args(saved, args, ckpt_path):
              for k in RESUME_MUST_MATCH if saved.get(k, "(missing)") != getattr(args, k)]
     if diffs:
         raise ValueError(f"--resume {ckpt_path}: these arguments differ from the ones the run was started with "
-                         "(they change the run's math; pass the saved values; kernels, compile, dtype, device, "
-                         "eval/sample/checkpoint cadence and out may differ):\n" + "\n".join(diffs))
+                         "(they change the run's math; pass the saved values; kernels, compile, compile mode, cuda graph, "
+                         "dtype, device, eval/sample/checkpoint cadence and out may differ):\n" + "\n".join(diffs))
 
 
 def check_sample_length(args, block_size):
@@ -259,6 +289,98 @@ def _versions():
     return torch.__version__, triton_version
 
 
+# ---- --cuda-graph: the training micro-step, captured once and replayed ------------------------------
+
+CUDA_GRAPH_WARMUP_STEPS = 1  # optimizer steps run eagerly before the capture (Triton compiles and autotunes there)
+
+
+class CUDAGraphMicroStep:
+    """--cuda-graph: the loop's training micro-step, recorded once in a torch.cuda.CUDAGraph and replayed.
+
+    A micro-step is what the eager loop does per micro-batch: forward under autocast, loss / accum added
+    into the step's loss sum, backward accumulating into the parameters' .grad. A replay launches the same
+    kernels in the same order, with none of the Python and dispatch cost per op (at GPT-2 124M on an H100
+    our custom ops cost more host time than device time). What capture needs (PyTorch's "CUDA Graphs"
+    notes, whole-network capture):
+      - fixed addresses. Each batch is copied into the same input tensors x, y; the loss is added into
+        one loss_sum tensor; the .grad tensors exist before the capture and are zeroed in place (never set
+        to None) before each optimizer step, so backward's AccumulateGrad adds into the same memory on
+        every replay: gradient accumulation over micro-steps works as in eager. Parameters are updated in
+        place by the optimizer, outside the graph.
+      - nothing on the host inside: the loop turns the loss-row checks off (the only syncs in the ops);
+        the loss read (the one sync per step), clipping and the optimizer step stay in the loop.
+      - autocast with cache_enabled=False: its cache of weight casts must not live across a capture.
+      - warm-up before the capture: the first CUDA_GRAPH_WARMUP_STEPS optimizer steps run this very
+        micro-step eagerly (Triton compiles and autotunes, the CUDA extension loads, cuBLAS sets up its
+        handle and workspace) on the side stream the capture then uses; their grads start as None, as in
+        the eager loop. Same kernels, same order: the loss curve is the eager one.
+    Memory: what the captured micro-step allocates stays reserved in the graph's private pool for the
+    replays (about one eager micro-step's peak), next to the grads and the static inputs. Evaluation,
+    sampling and checkpoints use the model eagerly, outside the graph: they never touch that pool, the
+    inputs or the grads.
+    """
+
+    def __init__(self, model, batch_size, seq_len, accum, dtype, device):
+        if device.index is not None:  # the capture, its stream and Triton's launches use the current device
+            torch.cuda.set_device(device)
+        self.model, self.accum = model, accum
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the tied wte once
+        self.x = torch.zeros((batch_size, seq_len), dtype=torch.long, device=device)
+        self.y = torch.zeros_like(self.x)
+        self.loss_sum = torch.zeros((), device=device)  # sum over the step's micro-steps of loss / accum
+        self.autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype != torch.float32
+                         else contextlib.nullcontext())
+        self.stream = torch.cuda.Stream(device)  # warm-up and capture; replays run on the current stream
+        self.graph = None
+        self.steps = 0  # optimizer steps begun
+
+    def begin_step(self):
+        """Before an optimizer step's first micro-step: the grads and the loss sum to zero."""
+        if self.steps < CUDA_GRAPH_WARMUP_STEPS:
+            for _, p in self.named:  # as the eager loop's optimizer.zero_grad(set_to_none=True)
+                p.grad = None
+        else:  # from now on the grads keep their addresses: the graph adds into them
+            missing = [n for n, p in self.named if p.grad is None]
+            if missing:
+                raise TrainingError(f"--cuda-graph: {', '.join(missing)} got no gradient in the warm-up step; "
+                                    "the graph can only accumulate into gradients that exist")
+            torch._foreach_zero_([p.grad for _, p in self.named])
+        self.loss_sum.zero_()
+        self.steps += 1
+
+    def micro_step(self, batch):
+        """One micro-batch (CPU tensors x, y): copy it into the static inputs, then warm up, capture or replay."""
+        x, y = batch
+        self.x.copy_(x.pin_memory(), non_blocking=True)  # as _to_device: async copies from pinned memory
+        self.y.copy_(y.pin_memory(), non_blocking=True)
+        if self.graph is None:
+            current = torch.cuda.current_stream()
+            self.stream.wait_stream(current)  # the inputs, the zeroed grads and loss sum are ready
+            if self.steps <= CUDA_GRAPH_WARMUP_STEPS:
+                with torch.cuda.stream(self.stream):
+                    self._forward_backward()
+            else:
+                self._capture()
+            current.wait_stream(self.stream)
+        if self.graph is not None:
+            self.graph.replay()  # on the current stream, after the input copies
+
+    def _forward_backward(self):
+        with self.autocast:
+            _, loss = self.model(self.x, self.y)
+        loss = loss.float() / self.accum
+        self.loss_sum += loss.detach()
+        loss.backward()
+
+    def _capture(self):
+        grads = [p.grad for _, p in self.named]
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=self.stream):  # records the kernels; runs none of them
+            self._forward_backward()
+        if any(p.grad is not g for (_, p), g in zip(self.named, grads)):  # replays would not accumulate
+            raise TrainingError("--cuda-graph: backward replaced a .grad tensor during the capture instead of adding into it")
+
+
 # ---- the run ------------------------------------------------------------------------------------
 
 def train(args):
@@ -278,6 +400,7 @@ def train(args):
 def _train(args, rank, world, device):
     master = rank == 0
     resolve_defaults(args, device)
+    check_cuda_graph_args(args, device, world)
     say = print if master else (lambda *a, **k: None)
     say(f"kernels: {args.kernels}   device: {device_name(device)} x {world}   dtype: {args.dtype}")
     if device.type == "cuda":
@@ -356,12 +479,13 @@ def _train(args, rank, world, device):
         eval_steps = max(1, min(args.eval_tokens // per_micro, val_loader.steps_per_epoch))
 
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=args.compile_mode)
     evaluator = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    graph_step = CUDAGraphMicroStep(raw, B, T, accum, dtype, device) if args.cuda_graph else None
 
     start = ckpt["step"] if ckpt is not None else 0
     if ckpt is not None:
@@ -384,6 +508,8 @@ def _train(args, rank, world, device):
         say(f"model: {raw.num_params():,} params {config}\nout: {out}   steps {start}..{args.max_steps}   "
             f"{args.total_batch_size:,} tokens/step = {B} x {T} x {world} rank(s) x {accum} accum   "
             f"{fpt / 1e9:.3f} GFLOP/token   peak {'unknown' if not peak else f'{peak / 1e12:.0f} TFLOP/s'}")
+        if graph_step is not None:
+            say(f"cuda graph: {CUDA_GRAPH_WARMUP_STEPS} eager warm-up step(s), then every micro-step replays one captured graph")
         if val_loader is not None and eval_steps * per_micro < args.eval_tokens:
             say(f"note: val split holds {val_loader.steps_per_epoch * per_micro:,} tokens per pass; evaluating on those")
 
@@ -396,15 +522,21 @@ def _train(args, rank, world, device):
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(accum):
-            x, y = _to_device(train_loader.next_batch(), device)
-            sync = micro == accum - 1
-            with (model.no_sync() if world > 1 and not sync else contextlib.nullcontext()), autocast:
-                _, loss = model(x, y)
-            loss = loss.float() / accum
-            loss_sum += loss.detach()
-            loss.backward()
+        if graph_step is not None:  # --cuda-graph: the same micro-steps, replayed from one CUDA graph
+            graph_step.begin_step()
+            for _ in range(accum):
+                graph_step.micro_step(train_loader.next_batch())
+            loss_sum = graph_step.loss_sum
+        else:
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = _to_device(train_loader.next_batch(), device)
+                sync = micro == accum - 1
+                with (model.no_sync() if world > 1 and not sync else contextlib.nullcontext()), autocast:
+                    _, loss = model(x, y)
+                loss = loss.float() / accum
+                loss_sum += loss.detach()
+                loss.backward()
         if world > 1:
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
         norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
@@ -416,7 +548,8 @@ def _train(args, rank, world, device):
             raise TrainingError(f"step {done}: loss {loss_value}, grad norm {norm_value}: not finite; stopping "
                                 f"before the update ({where}; nothing was saved for step {done})")
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if graph_step is None:  # (--cuda-graph keeps the grads' memory and zeroes it in begin_step)
+            optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         tps = args.total_batch_size / dt
         record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": norm_value, "step_time_s": dt,

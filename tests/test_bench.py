@@ -378,10 +378,14 @@ def test_input_sets_rotate_only_what_fits_in_l2():
 
 def test_e2e_selection():
     names = lambda argv: [n for n, _, _ in run.e2e_selected(run.parse_args(["--e2e", *argv]))]  # noqa: E731
-    assert names(["--quick"]) == ["torch", "triton", "triton,cross_entropy=cuda"]
+    assert names(["--quick"]) == ["torch", "triton", "triton,cross_entropy=cuda", "torch --cuda-graph",
+                                  "triton,cross_entropy=cuda --cuda-graph"]
     assert names(["--e2e-filter", "^triton"]) == ["triton", "triton,cross_entropy=cuda", "triton --compile",
-                                                   "triton,cross_entropy=cuda --compile"]
-    assert names(["--quick", "--e2e-filter", "cuda"]) == ["triton,cross_entropy=cuda"]
+                                                   "triton,cross_entropy=cuda --compile",
+                                                   "triton,cross_entropy=cuda --cuda-graph",
+                                                   "triton,cross_entropy=cuda --compile --compile-mode reduce-overhead"]
+    assert names(["--quick", "--e2e-filter", "cuda"]) == ["triton,cross_entropy=cuda", "torch --cuda-graph",
+                                                          "triton,cross_entropy=cuda --cuda-graph"]
     assert "torch,layer_norm=triton" in names([])
     args = run.parse_args(["--e2e"])
     assert (args.e2e_steps, args.e2e_warmup, args.e2e_batch * args.e2e_seq) == (15, 5, 16384)

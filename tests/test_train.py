@@ -1,5 +1,6 @@
 """gpt2/train.py (and flops.py, plot.py): exact resume, DDP == gradient accumulation, learning, every
-CPU-runnable kernels spec against torch, divergence handling, the MFU table.
+CPU-runnable kernels spec against torch, --compile-mode and --cuda-graph (its curve on a GPU only),
+divergence handling, the MFU table.
 
 Runs are in-process (`train.main(argv)`) except DDP (torchrun). A very small model (1 layer, width
 32; GPT-2's vocabulary) on a slice of tiny Shakespeare keeps each run to seconds.
@@ -192,6 +193,72 @@ def test_gpu_default_kernels_bf16(torch_curve, text, tmp_path):
     assert all(r["peak_mem_bytes"] > 0 for r in log)
     known = flops.peak_flops(torch.cuda.get_device_name(), "bfloat16") is not None
     assert all((r["mfu"] is not None) == known for r in log)
+
+
+# ---- --compile-mode and --cuda-graph ---------------------------------------------------------------
+
+def test_compile_mode_trains_like_eager(torch_curve, text, tmp_path, monkeypatch):
+    """--compile --compile-mode reduce-overhead: torch.compile gets the mode (on a CPU Inductor skips its CUDA
+    graphs) and the curve is eager torch's within the spec tests' tolerance; config.json records the mode."""
+    modes, compile_ = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: modes.append(kw.get("mode")) or compile_(model, **kw))
+    out = tmp_path / "ro"
+    log = train.main(args(text, out, "--eval-every", "0", "--no-checkpoint", "--total-batch-size", "64",
+                          "--compile", "--compile-mode", "reduce-overhead", steps=3))
+    assert modes == ["reduce-overhead"]
+    assert curve(log) == pytest.approx(curve(torch_curve), rel=1e-4, abs=1e-4)
+    assert curve(log, "grad_norm") == pytest.approx(curve(torch_curve, "grad_norm"), rel=1e-3, abs=1e-4)
+    saved = json.loads((out / "config.json").read_text())["args"]
+    assert (saved["compile"], saved["compile_mode"], saved["cuda_graph"]) == (True, "reduce-overhead", False)
+
+
+def test_compile_mode_and_cuda_graph_argument_errors(text, tmp_path):
+    """Refused before anything is built or written, each with what to do instead; never a silent fallback."""
+    with pytest.raises(ValueError, match=r"--cuda-graph needs a CUDA GPU \(the device is cpu\)"):
+        train.main(args(text, tmp_path / "a", "--cuda-graph"))
+    with pytest.raises(ValueError, match="does not combine with --compile.*use --compile --compile-mode reduce-overhead instead"):
+        train.main(args(text, tmp_path / "b", "--cuda-graph", "--compile"))
+    with pytest.raises(ValueError, match="--compile-mode max-autotune needs --compile"):
+        train.main(args(text, tmp_path / "c", "--compile-mode", "max-autotune"))
+    with pytest.raises(SystemExit):  # argparse: not one of torch.compile's modes
+        train.main(args(text, tmp_path / "d", "--compile", "--compile-mode", "fast"))
+    assert not any((tmp_path / n).exists() for n in "abcd")
+    a = train.build_parser().parse_args(["--cuda-graph"])
+    with pytest.raises(ValueError, match=r"--cuda-graph does not support DDP yet \(world size 2\)"):
+        train.check_cuda_graph_args(a, torch.device("cuda", 0), world=2)
+    train.check_cuda_graph_args(a, torch.device("cuda", 0), world=1)  # one CUDA process: fine
+    d = train.build_parser().parse_args(["--compile"])
+    train.resolve_defaults(d, torch.device("cpu"))
+    assert d.compile_mode == "default" and not d.cuda_graph
+    e = train.build_parser().parse_args([])
+    train.resolve_defaults(e, torch.device("cpu"))
+    assert e.compile_mode is None  # no torch.compile, no mode
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("spec", ["torch", "triton,cross_entropy=cuda"])
+def test_gpu_cuda_graph_matches_eager(spec, text, tmp_path):
+    """--cuda-graph (bf16, accumulation 2, 4 steps: step 1 eager warm-up, capture at step 2, replays after)
+    gives the eager loss, grad-norm and val-loss curves: the same kernels run in the same order, so they
+    should agree bit for bit; the tolerance (rel 1e-5, abs 1e-6) only leaves room for atomics in PyTorch's own
+    kernels. Evaluation, a sample and a checkpoint at step 2 run between replays; a --cuda-graph resume from
+    that checkpoint (warm-up, then a new capture) continues the same curve."""
+    reason = _unavailable(spec)
+    if reason:
+        pytest.skip(reason)
+    run = lambda out, *extra: train.main(args(text, out, "--device", "cuda", "--dtype", "bfloat16", "--kernels", spec,  # noqa: E731
+                                              "--eval-every", "2", "--checkpoint-every", "2", "--sample-every", "2",
+                                              "--sample-tokens", "8", *extra, steps=4))
+    eager = run(tmp_path / "eager")
+    graph = run(tmp_path / "graph", "--cuda-graph")
+    assert json.loads((tmp_path / "graph" / "config.json").read_text())["args"]["cuda_graph"] is True
+    assert json.loads((tmp_path / "graph" / "config.json").read_text())["grad_accum_steps"] == 2
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert curve(graph, key) == pytest.approx(curve(eager, key), rel=1e-5, abs=1e-6), key
+    resumed = run(tmp_path / "resumed", "--cuda-graph", "--resume", str(tmp_path / "graph" / "ckpt_0000002.pt"))
+    assert [r["step"] for r in resumed] == [3, 4]
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert curve(resumed, key) == pytest.approx(curve(eager[2:], key), rel=1e-5, abs=1e-6), key
 
 
 # ---- learning --------------------------------------------------------------------------------------

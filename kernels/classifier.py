@@ -17,9 +17,11 @@ Memory: forward keeps dlogits (the size of the logits) for backward and nothing 
 
 Ops (namespace gpt2k_cuda, schemas in csrc/classifier.cpp): cross_entropy_fwd, cross_entropy_grad_
 (in place, for linear_cross_entropy's chunks), scale_grad_. Built on first use with
-torch.utils.cpp_extension.load (ninja; cached in torch's extensions dir). The .cu is compiled only
-when a GPU is visible (or GPT2K_BUILD_CUDA=1): on a CPU-only machine the extension is the CPU part;
-`ptxas_report()` compiles the .cu for sm_80/sm_90 on its own (CI checks zero spills).
+torch.utils.cpp_extension.load (ninja; cached in torch's extensions dir). With a CUDA build of torch
+and a CUDA toolkit found (cuda_home()), the .cu is compiled too, for the visible GPU or, when none is
+visible, for sm_80 and sm_90 (TORCH_CUDA_ARCH_LIST overrides; ~20 s more on 2 cores); without a
+toolkit, or with GPT2K_BUILD_CUDA=0, the extension is the CPU part alone. `ptxas_report()` compiles
+the .cu for sm_80/sm_90 on its own to read ptxas' resource report (CI checks zero spills).
 
 Test:   pytest tests/test_classifier.py
 Bench:  python bench/run.py cross_entropy        Static: python bench/run.py --static
@@ -70,7 +72,8 @@ def _nvcc():
 
 
 def _want_cuda():
-    return torch.version.cuda is not None and (torch.cuda.is_available() or os.environ.get("GPT2K_BUILD_CUDA") == "1")
+    """Compile the .cu too: torch is a CUDA build, a toolkit is found, and GPT2K_BUILD_CUDA is not 0."""
+    return torch.version.cuda is not None and cuda_home() is not None and os.environ.get("GPT2K_BUILD_CUDA") != "0"
 
 
 def unavailable_reason():
@@ -127,7 +130,7 @@ def _build_and_load():
         reason = unavailable_reason()
         if reason:
             raise RuntimeError(f"kernels.classifier: cannot build the C++ extension: {reason}")
-        with_cuda = _want_cuda() and cuda_home() is not None
+        with_cuda = _want_cuda()
         cpp_extension = _cpp_extension()
         name = "gpt2k_classifier_" + ("cuda" if with_cuda else "cpu")
         sources = [str(s) for s in (_SOURCES if with_cuda else _SOURCES[:1])]
@@ -143,7 +146,9 @@ def _build_and_load():
                                extra_cuda_cflags=["-O3", "-lineinfo"], with_cuda=with_cuda,
                                is_python_module=False, verbose=False)
         except Exception as e:
-            _state["error"] = f"building the classifier extension failed: {e}"
+            hint = ("; to build only the C++ CPU part (no GPU kernels), set GPT2K_BUILD_CUDA=0"
+                    if with_cuda and not torch.cuda.is_available() else "")
+            _state["error"] = f"building the classifier extension failed: {e}{hint}"
             raise RuntimeError(f"kernels.classifier: {_state['error']}") from None
         finally:
             if arch_env is None:
@@ -219,8 +224,8 @@ def _register_python_parts():
 
 def _check_device(t, where):
     if t.device.type == "cuda" and not _state["cuda"]:
-        raise RuntimeError(f"{where}: the classifier extension was built without CUDA (no GPU was visible "
-                           "when it was built, or no nvcc); it runs on CPU tensors only here")
+        raise RuntimeError(f"{where}: the classifier extension was built without CUDA (no CUDA toolkit was found "
+                           "when it was built, or GPT2K_BUILD_CUDA=0); it runs on CPU tensors only here")
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{where}: logits on {t.device}; supported devices: cpu, cuda")
 

@@ -7,6 +7,8 @@ rows; opcheck; torch.compile (aot_eager); linear_cross_entropy; the model with c
 With nvcc: the .cu compiles for sm_80 and sm_90 with zero spills and 128-bit loads/stores.
 With a GPU: the CUDA kernels against the same oracles, determinism, the in-place variant.
 """
+import os
+
 import pytest
 import torch
 
@@ -253,6 +255,20 @@ def test_cuda_home_found_from_nvcc_on_path(monkeypatch):
         pytest.skip("no CUDA toolkit on this machine")
     import os
     assert os.path.isfile(os.path.join(home, "bin", "nvcc"))
+
+
+@pytest.mark.skipif(C.cuda_home() is None or torch.version.cuda is None,
+                    reason="no CUDA compiler (nvcc) found, or torch is not a CUDA build")
+def test_extension_is_built_with_its_cuda_kernels_when_a_toolkit_is_found():
+    """With a toolkit the .cu is compiled and linked into the extension (for sm_80/sm_90 when no GPU is
+    visible), so its CUDA kernels are registered even on a CPU-only machine such as CI's."""
+    if os.environ.get("GPT2K_BUILD_CUDA") == "0":
+        pytest.skip("GPT2K_BUILD_CUDA=0 asks for the CPU part alone")
+    C._load()
+    assert C._state["cuda"], C._state
+    for op in ("cross_entropy_fwd", "cross_entropy_grad_", "scale_grad_"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gpt2k_cuda::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gpt2k_cuda::{op}", "CPU"), op
 
 
 @pytest.mark.skipif(C.cuda_home() is None, reason="no CUDA compiler (nvcc) found")

@@ -59,6 +59,7 @@ ATTN = ("eager_math", "compile", "sdpa_flash", "sdpa_cudnn")
 
 BENCHES = [
     Bench("layer_norm", {"N": N, "C": C}, "bfloat16", baselines=("eager", "compile"), quick=True),
+    Bench("layer_norm", {"N": 4 * N, "C": C}, "bfloat16", baselines=("eager", "compile")),  # B=64 (issue 3's 2nd shape)
     # Under bf16 autocast the residual stream (the LayerNorm input) stays fp32.
     Bench("layer_norm", {"N": N, "C": C}, "float32", baselines=("eager", "compile")),
     Bench("gelu", {"N": N, "C": 4 * C}, "bfloat16", baselines=("eager", "compile"), quick=True),

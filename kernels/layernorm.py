@@ -287,23 +287,24 @@ def layer_norm(x, weight, bias, eps=1e-5):
 # ---- ahead-of-time compile specs (GPT-2 shapes) --------------------------------------------------
 
 def compile_specs():
-    """The kernels as the JIT specializes them for GPT-2: (B*T, 768) bf16 rows, all pointers, strides,
-    N and C divisible by 16; weights in bf16 and in fp32 (autocast)."""
+    """The kernels as the JIT specializes them for GPT-2: (B*T, 768) rows, all pointers, strides, N and C
+    divisible by 16; bf16 rows with bf16 or fp32 (autocast) weights, and fp32 rows with fp32 weights: under
+    bf16 autocast the residual stream, which is what the model's LayerNorms read, stays fp32."""
     block_r, block_c, num_warps = _tile(768, on_gpu=True)
     consts = {"BLOCK_R": block_r, "BLOCK_C": block_c}
     specs = []
-    for wt in ("bf16", "fp32"):
+    for xt, wt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")):
         specs.append(AotSpec(
-            name=f"layer_norm_fwd x=bf16 w={wt} C=768", fn=_layer_norm_fwd_kernel,
-            signature={"x_ptr": "*bf16", "w_ptr": f"*{wt}", "b_ptr": f"*{wt}", "y_ptr": "*bf16",
+            name=f"layer_norm_fwd x={xt} w={wt} C=768", fn=_layer_norm_fwd_kernel,
+            signature={"x_ptr": f"*{xt}", "w_ptr": f"*{wt}", "b_ptr": f"*{wt}", "y_ptr": f"*{xt}",
                        "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "stride_x": "i32", "N": "i32", "C": "i32",
                        "eps": "fp32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
             constexprs=consts, num_warps=num_warps,
             aligned=("x_ptr", "w_ptr", "b_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "stride_x", "N", "C")))
         specs.append(AotSpec(
-            name=f"layer_norm_bwd x=bf16 w={wt} C=768", fn=_layer_norm_bwd_kernel,
-            signature={"dy_ptr": "*bf16", "x_ptr": "*bf16", "w_ptr": f"*{wt}", "mean_ptr": "*fp32",
-                       "rstd_ptr": "*fp32", "dx_ptr": "*bf16", "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32",
+            name=f"layer_norm_bwd x={xt} w={wt} C=768", fn=_layer_norm_bwd_kernel,
+            signature={"dy_ptr": f"*{xt}", "x_ptr": f"*{xt}", "w_ptr": f"*{wt}", "mean_ptr": "*fp32",
+                       "rstd_ptr": "*fp32", "dx_ptr": f"*{xt}", "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32",
                        "stride_dy": "i32", "stride_x": "i32", "N": "i32", "C": "i32", "tiles_per_program": "i32",
                        "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "STAGES": "constexpr"},
             constexprs={**consts, "STAGES": BWD_STAGES}, num_warps=num_warps,

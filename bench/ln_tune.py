@@ -32,21 +32,22 @@ SETS, CALLS = 4, 20
 
 
 def compile_specs(C=768):
-    """Every candidate as an AotSpec (bf16 x, fp32 weights as under autocast), for the static report."""
+    """Every candidate as an AotSpec (bf16 and fp32 rows, fp32 weights as under autocast), for the static report."""
     from kernels import layernorm as ln
     from kernels._triton_utils import AotSpec
 
-    base = {s.name.split(" ")[0]: s for s in ln.compile_specs() if "w=fp32" in s.name}
     block_c = 1 << (C - 1).bit_length()
     specs = []
-    for br, w in FWD:
-        s = base["layer_norm_fwd"]
-        specs.append(AotSpec(f"ln_fwd C={C} R={br} w{w}", s.fn, s.signature, {"BLOCK_R": br, "BLOCK_C": block_c},
-                             s.aligned, num_warps=w))
-    for br, w, stages in sorted({c[:3] for c in BWD}):
-        s = base["layer_norm_bwd"]
-        specs.append(AotSpec(f"ln_bwd C={C} R={br} w{w} stages={stages}", s.fn, s.signature,
-                             {"BLOCK_R": br, "BLOCK_C": block_c, "STAGES": stages}, s.aligned, num_warps=w))
+    for x in ("bf16", "fp32"):
+        base = {s.name.split(" ")[0]: s for s in ln.compile_specs() if f"x={x} w=fp32" in s.name}
+        for br, w in FWD:
+            s = base["layer_norm_fwd"]
+            specs.append(AotSpec(f"ln_fwd x={x} C={C} R={br} w{w}", s.fn, s.signature,
+                                 {"BLOCK_R": br, "BLOCK_C": block_c}, s.aligned, num_warps=w))
+        for br, w, stages in sorted({c[:3] for c in BWD}):
+            s = base["layer_norm_bwd"]
+            specs.append(AotSpec(f"ln_bwd x={x} C={C} R={br} w{w} stages={stages}", s.fn, s.signature,
+                                 {"BLOCK_R": br, "BLOCK_C": block_c, "STAGES": stages}, s.aligned, num_warps=w))
     return specs
 
 
@@ -75,7 +76,7 @@ def _graph_ms(calls, torch):
     return statistics.median(times)
 
 
-def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None):
+def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, dtype=None):
     """Rows of timings for every config. `timer(calls) -> ms` defaults to CUDA-graph replay; the tests run
     the same sweep on CPU tensors in Triton's interpreter with a stand-in timer (checks only)."""
     import torch
@@ -84,8 +85,10 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None):
     from kernels import reference as ref
 
     dev, sw = device, 4
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32  # the interpreter casts bf16 by truncation
+    if dtype is None:  # bf16 on a GPU; fp32 in the interpreter, which casts to bf16 by truncation
+        dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     s = torch.finfo(dtype).bits // 8
+    dtype_name = str(dtype).split(".")[-1]
     timer = timer or (lambda calls: _graph_ms(calls, torch))
     sets = []
     for i in range(SETS):
@@ -120,14 +123,14 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None):
             yi, mi, ri = outs[i]
             ln._layer_norm_fwd_kernel[(-(-N // br),)](xi, wi, bi, yi, mi, ri, C, N, C, 1e-5, BLOCK_R=br,
                                                        BLOCK_C=block_c, num_warps=warps)
+        row = {"kernel": "fwd", "dtype": dtype_name, "N": N, "C": C, "block_r": br, "warps": warps}
         try:
             ms = timer([lambda i=i: launch(i) for i in range(SETS)])
             err, bad = check("fwd", {"y": outs[0][0]})
-            row = {"kernel": "fwd", "N": N, "C": C, "block_r": br, "warps": warps, "ms": ms,
-                   "gbps": fwd_bytes / ms / 1e6, "pct_copy": 100 * fwd_bytes / ms / 1e6 / copy_gbps,
-                   "max_err": err, "bad": bad, "default": (br, block_c, warps) == ln._tile(C)}
+            row.update(ms=ms, gbps=fwd_bytes / ms / 1e6, pct_copy=100 * fwd_bytes / ms / 1e6 / copy_gbps,
+                       max_err=err, bad=bad, default=(br, block_c, warps) == ln._tile(C))
         except Exception as e:
-            row = {"kernel": "fwd", "N": N, "C": C, "block_r": br, "warps": warps, "error": f"{type(e).__name__}: {e}"[:300]}
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         say(row)
 
@@ -146,18 +149,18 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None):
             ln._layer_norm_bwd_kernel[(programs,)](dyi, xi, wi, mi, ri, dxi, parts[0], parts[1], C, C, N, C, tpp,
                                                    BLOCK_R=br, BLOCK_C=block_c, STAGES=stages, num_warps=warps)
             parts.sum(1)  # the op's reduction of the partial sums (a torch kernel), timed with it
+        row = {"kernel": "bwd", "dtype": dtype_name, "N": N, "C": C, "block_r": br, "warps": warps, "stages": stages,
+               "programs_per_sm": per_sm, "programs": programs}
         try:
             ms = timer([lambda i=i: launch(i) for i in range(SETS)])
             dxi, parts = outs[0]
             sums = parts.sum(1)
             err, bad = check("bwd", {"dx": dxi, "dw": sums[0], "db": sums[1]})
             default = (br, block_c, warps) == ln._tile(C) and stages == ln.BWD_STAGES and per_sm == ln.BWD_PROGRAMS_PER_SM
-            row = {"kernel": "bwd", "N": N, "C": C, "block_r": br, "warps": warps, "stages": stages,
-                   "programs_per_sm": per_sm, "programs": programs, "ms": ms, "gbps": bwd_bytes / ms / 1e6,
-                   "pct_copy": 100 * bwd_bytes / ms / 1e6 / copy_gbps, "max_err": err, "bad": bad, "default": default}
+            row.update(ms=ms, gbps=bwd_bytes / ms / 1e6, pct_copy=100 * bwd_bytes / ms / 1e6 / copy_gbps,
+                       max_err=err, bad=bad, default=default)
         except Exception as e:
-            row = {"kernel": "bwd", "N": N, "C": C, "block_r": br, "warps": warps, "stages": stages,
-                   "programs_per_sm": per_sm, "error": f"{type(e).__name__}: {e}"[:300]}
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
         rows.append(row)
         say(row)
     return rows
@@ -165,10 +168,10 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None):
 
 def _fmt(r):
     if "error" in r:
-        return f"{r['kernel']} N={r['N']} R={r['block_r']} w{r['warps']} {r.get('stages', '')}: ERROR {r['error']}"
+        return f"{r['kernel']} {r['dtype']} N={r['N']} R={r['block_r']} w{r['warps']} {r.get('stages', '')}: ERROR {r['error']}"
     cfg = f"R={r['block_r']} w{r['warps']}" + (f" stages={r['stages']} {r['programs_per_sm']}/SM" if r["kernel"] == "bwd" else "")
     flag = (" [default]" if r["default"] else "") + (f" WRONG {r['bad']}" if r["bad"] else "")
-    return f"{r['kernel']} N={r['N']} C={r['C']} {cfg:28s} {1e3 * r['ms']:8.1f} us {r['gbps']:7.0f} GB/s {r['pct_copy']:5.1f}%{flag}"
+    return f"{r['kernel']} {r['dtype']} N={r['N']} C={r['C']} {cfg:28s} {1e3 * r['ms']:8.1f} us {r['gbps']:7.0f} GB/s {r['pct_copy']:5.1f}%{flag}"
 
 
 def main(argv=None):
@@ -177,6 +180,8 @@ def main(argv=None):
     p.add_argument("--rows", default="16384,65536", help="comma-separated row counts (B*T)")
     p.add_argument("--C", type=int, default=768)
     p.add_argument("--quick", action="store_true", help="fewer backward candidates")
+    p.add_argument("--fp32-rows", default="16384", help="row counts also swept with fp32 rows and weights (the "
+                   "residual stream under autocast); '' for none")
     args = p.parse_args(argv)
     import torch
 
@@ -185,9 +190,10 @@ def main(argv=None):
         return 2
     try:
         rows_list = [int(n) for n in args.rows.split(",")]
+        fp32_rows = [int(n) for n in args.fp32_rows.split(",") if n.strip()]
     except ValueError:
-        p.error(f"--rows must be comma-separated integers, got {args.rows!r}")
-    if any(n < 1 for n in rows_list) or args.C < 1:
+        p.error(f"--rows and --fp32-rows must be comma-separated integers, got {args.rows!r}, {args.fp32_rows!r}")
+    if any(n < 1 for n in rows_list + fp32_rows) or args.C < 1:
         p.error("--rows and --C must be >= 1")
     from bench.run import measure_limits
 
@@ -201,12 +207,15 @@ def main(argv=None):
 
     print(f"# {torch.cuda.get_device_name()}: copy {limits['copy_gbps']:.0f} GB/s", flush=True)
     rows = []
+    bwd = QUICK_BWD if args.quick else BWD
     for N in rows_list:
-        rows += sweep(N, args.C, FWD, QUICK_BWD if args.quick else BWD, limits["copy_gbps"], say)
+        rows += sweep(N, args.C, FWD, bwd, limits["copy_gbps"], say, dtype=torch.bfloat16)
+    for N in fp32_rows:
+        rows += sweep(N, args.C, FWD, bwd, limits["copy_gbps"], say, dtype=torch.float32)
     best = {}
     for r in rows:
         if "error" not in r and not r["bad"]:
-            key = (r["kernel"], r["N"])
+            key = (r["kernel"], r["dtype"], r["N"])
             if key not in best or r["ms"] < best[key]["ms"]:
                 best[key] = r
     print("\n# fastest correct config per kernel and shape")

@@ -243,4 +243,4 @@ def test_tuner_candidates_are_correct(device):
         assert r["bad"] == [], r
         assert all(math.isfinite(e) for e in r["max_err"].values()), r
     compiled = {s.name for s in ln_tune.compile_specs()}
-    assert len(compiled) == len(ln_tune.FWD) + len({c[:3] for c in ln_tune.BWD})
+    assert len(compiled) == 2 * (len(ln_tune.FWD) + len({c[:3] for c in ln_tune.BWD}))

@@ -152,6 +152,34 @@ def _layer_norm_bwd(fn, N=256, C=768):
                          ["dy", "x", "w"], ["dx", "dw", "db"])
 
 
+def _add_ln_inputs(N, C):
+    x = torch.randn(N, C, requires_grad=True)  # the fp32 residual stream under autocast
+    r = torch.randn(N, C, dtype=torch.bfloat16, requires_grad=True)  # a bf16 branch output
+    return x, r, *_ln_inputs(N, C)[1:]
+
+
+def _add_layer_norm_fwd(fn, N=256, C=768):
+    x, r, w, b = _add_ln_inputs(N, C)
+    box = {}
+
+    def run():
+        box["s"], box["y"] = fn(x, r, w, b)
+    return run, lambda: ({"x": x, "r": r, "w": w, "b": b, "s": box["s"], "y": box["y"]},
+                         ["x", "r", "w", "b"], ["s", "y"])
+
+
+def _add_layer_norm_bwd(fn, N=256, C=768):
+    x, r, w, b = _add_ln_inputs(N, C)
+    s, y = fn(x, r, w, b)
+    ds, dy = torch.randn_like(s), torch.randn_like(y)
+    box = {}
+
+    def run():  # the kernel reads s, dy, ds and writes d(x + r) once; the casts to x's and r's dtypes are torch's
+        box["dx"], box["dw"], box["db"] = torch.autograd.grad((s, y), (x, w, b), (ds, dy))
+    return run, lambda: ({"dy": dy, "ds": ds, "s": s, "w": w, "dx": box["dx"], "dw": box["dw"], "db": box["db"]},
+                         ["dy", "ds", "s", "w"], ["dx", "dw", "db"])
+
+
 def _gelu_fwd(fn, N=256, C=3072):
     x = torch.randn(N, C, dtype=torch.bfloat16, requires_grad=True)
     box = {}
@@ -214,6 +242,8 @@ def _cross_entropy(fn, N=32, V=50304, V_real=50257):
 _OPS = {
     "layer_norm fwd": ("layer_norm", "kernels.layernorm", _layer_norm_fwd),
     "layer_norm bwd": ("layer_norm", "kernels.layernorm", _layer_norm_bwd),
+    "add_layer_norm fwd": ("layer_norm", "kernels.layernorm", _add_layer_norm_fwd, "add_layer_norm"),
+    "add_layer_norm bwd": ("layer_norm", "kernels.layernorm", _add_layer_norm_bwd, "add_layer_norm"),
     "gelu fwd": ("gelu", "kernels.gelu", _gelu_fwd),
     "gelu bwd": ("gelu", "kernels.gelu", _gelu_bwd),
     "AdamW step": ("AdamW", "kernels.adamw", _adamw_step),
@@ -231,14 +261,14 @@ def audit_one(name):
     """One audit row (dict); status "ok", "missing" (module not written yet) or "error"."""
     import kernels
 
-    op, module, build = AUDITS[name]
+    op, module, build, *attr = AUDITS[name]  # attr: a companion function of the op (add_layer_norm)
     row = {"kernel": name, "op": op, "module": module}
     if name.startswith("calibration"):
         return _calibration(name, row)
     if not _module_exists(module):
         return {**row, "status": "missing", "reason": f"{module} does not exist yet"}
     try:
-        impl = getattr(kernels.get_ops(f"torch,{op}=triton"), op)
+        impl = getattr(kernels.get_ops(f"torch,{op}=triton"), attr[0] if attr else op)
         run, tensors = build(impl)
         with Recorder() as rec:
             run()

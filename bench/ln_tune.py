@@ -36,18 +36,20 @@ def compile_specs(C=768):
     from kernels import layernorm as ln
     from kernels._triton_utils import AotSpec
 
-    block_c = 1 << (C - 1).bit_length()
+    if C != 768:
+        raise ValueError("compile_specs: the candidates are compiled at GPT-2's C = 768")
     specs = []
     for x in ("bf16", "fp32"):
-        base = {s.name.split(" ")[0]: s for s in ln.compile_specs() if f"x={x} w=fp32" in s.name}
+        base = {s.name.split(" ")[0]: s for s in ln.compile_specs() if s.name.startswith("layer_norm")
+                and f"x={x} w=fp32" in s.name}
         for br, w in FWD:
             s = base["layer_norm_fwd"]
             specs.append(AotSpec(f"ln_fwd x={x} C={C} R={br} w{w}", s.fn, s.signature,
-                                 {"BLOCK_R": br, "BLOCK_C": block_c}, s.aligned, num_warps=w))
+                                 {**s.constexprs, "BLOCK_R": br}, s.aligned, num_warps=w))
         for br, w, stages in sorted({c[:3] for c in BWD}):
             s = base["layer_norm_bwd"]
             specs.append(AotSpec(f"ln_bwd x={x} C={C} R={br} w{w} stages={stages}", s.fn, s.signature,
-                                 {"BLOCK_R": br, "BLOCK_C": block_c, "STAGES": stages}, s.aligned, num_warps=w))
+                                 {**s.constexprs, "BLOCK_R": br, "STAGES": stages}, s.aligned, num_warps=w))
     return specs
 
 
@@ -121,8 +123,8 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         def launch(i, br=br, warps=warps):
             xi, wi, bi, _ = sets[i]
             yi, mi, ri = outs[i]
-            ln._layer_norm_fwd_kernel[(-(-N // br),)](xi, wi, bi, yi, mi, ri, C, N, C, 1e-5, BLOCK_R=br,
-                                                       BLOCK_C=block_c, num_warps=warps)
+            ln._layer_norm_fwd_kernel[(-(-N // br),)](xi, xi, yi, wi, bi, yi, mi, ri, C, C, N, C, 1e-5, BLOCK_R=br,
+                                                       BLOCK_C=block_c, HAS_RESIDUAL=False, num_warps=warps)
         row = {"kernel": "fwd", "dtype": dtype_name, "N": N, "C": C, "block_r": br, "warps": warps}
         try:
             ms = timer([lambda i=i: launch(i) for i in range(SETS)])
@@ -146,8 +148,9 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
             xi, wi, _, dyi = sets[i]
             mi, ri = stats[i]
             dxi, parts = outs[i]
-            ln._layer_norm_bwd_kernel[(programs,)](dyi, xi, wi, mi, ri, dxi, parts[0], parts[1], C, C, N, C, tpp,
-                                                   BLOCK_R=br, BLOCK_C=block_c, STAGES=stages, num_warps=warps)
+            ln._layer_norm_bwd_kernel[(programs,)](dyi, xi, wi, mi, ri, dxi, dyi, parts[0], parts[1], C, C, C, N, C,
+                                                   tpp, BLOCK_R=br, BLOCK_C=block_c, STAGES=stages, HAS_DS=False,
+                                                   num_warps=warps)
             parts.sum(1)  # the op's reduction of the partial sums (a torch kernel), timed with it
         row = {"kernel": "bwd", "dtype": dtype_name, "N": N, "C": C, "block_r": br, "warps": warps, "stages": stages,
                "programs_per_sm": per_sm, "programs": programs}

@@ -750,7 +750,7 @@ def run_static(args):
 
     try:
         audit = io_audit.audit(None if not args.ops else
-                               [n for n, (op, _, _) in io_audit.AUDITS.items() if op in args.ops or op == "-"])
+                               [n for n, (op, *_) in io_audit.AUDITS.items() if op in args.ops or op == "-"])
         print(io_audit.table(audit))
     except Exception as e:  # reported; tests/test_bench.py enforces the audit
         audit = [{"kernel": "-", "status": "error", "reason": f"{type(e).__name__}: {e}"}]

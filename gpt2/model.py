@@ -4,7 +4,9 @@
     logits, loss = model(idx, targets)
 
 Every LayerNorm, GELU, attention and the loss call `self.ops.<op>` (see kernels/__init__.py), so
-one argument switches the whole model between the pure-PyTorch reference and our kernels.
+one argument switches the whole model between the pure-PyTorch reference and our kernels. Each block's
+second LayerNorm also does the residual add before it (`ops.add_layer_norm`: x + attn, then ln_2 of
+it; one kernel with layer_norm=triton, the same two PyTorch ops as before with torch).
 
 Vocab padding: the token embedding / lm_head have `padded_vocab_size` rows (50257 -> 50304, a
 multiple of 128, so the classifier matmul tiles evenly). The padded columns never win: forward
@@ -88,6 +90,10 @@ class LayerNorm(nn.Module):
     def forward(self, x):
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def add_forward(self, x, residual):
+        """(x + residual, this LayerNorm of it): the residual add fused into the LayerNorm's kernel."""
+        return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, ops):
@@ -146,14 +152,12 @@ class Block(nn.Module):
         self.mlp = MLP(config, ops)
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        x, h = self.ln_2.add_forward(x, self.attn(self.ln_1(x)))  # x = x + attn(ln_1(x)); h = ln_2(x)
+        return x + self.mlp(h)
 
     def forward_cached(self, x, cache, layer):
-        x = x + self.attn.forward_cached(self.ln_1(x), cache, layer)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        x, h = self.ln_2.add_forward(x, self.attn.forward_cached(self.ln_1(x), cache, layer))
+        return x + self.mlp(h)
 
 
 class KVCache:

@@ -50,6 +50,11 @@ _REGISTRY = {
 }
 
 
+# Functions that come with an op from the same backend module (not ops of their own in a spec):
+# layer_norm=triton also gives the model kernels.layernorm.add_layer_norm (residual add + LayerNorm).
+COMPANIONS = {"layer_norm": ("add_layer_norm",)}
+
+
 class BackendUnavailable(RuntimeError):
     """A backend was asked for that cannot run on this machine (the message says why)."""
 
@@ -121,7 +126,8 @@ def _resolve(op, backend):
 
 
 class Ops:
-    """The resolved ops of one spec. Attributes: one per op in OPS; `backends` maps op -> backend."""
+    """The resolved ops of one spec. Attributes: one per op in OPS, plus the COMPANIONS of each from the
+    same backend (add_layer_norm with layer_norm); `backends` maps op -> backend."""
 
     def __init__(self, spec, backends, explicit, impls):
         self.spec = spec
@@ -156,6 +162,10 @@ def get_ops(spec="torch"):
         impls[op] = fn
     if problems:
         raise BackendUnavailable(f"kernel spec {spec!r} cannot run here:\n  " + "\n  ".join(problems))
+    for op, names in COMPANIONS.items():
+        module = importlib.import_module(_REGISTRY[op][backends[op]].split(":")[0])
+        for name in names:
+            impls[name] = getattr(module, name)
     return Ops(spec, backends, explicit, impls)
 
 

@@ -1,4 +1,5 @@
-"""LayerNorm over the last dim in Triton, forward and backward, as torch ops gpt2k::layer_norm_fwd / _bwd.
+"""LayerNorm over the last dim in Triton, forward and backward, as torch ops gpt2k::layer_norm_fwd / _bwd,
+and the residual add fused in front of it: gpt2k::add_layer_norm_fwd (the model's ln_2, after x + attn).
 
 What is fused
   forward   one pass over a tile of rows: fp32 mean and variance, y = (x - mean) * rstd * w + b stored in
@@ -8,22 +9,33 @@ What is fused
             row of a (programs, C) fp32 buffer; a torch .sum(0) over that small buffer gives dw and db.
             Fixed partition, fixed order, no atomics: the same inputs give bitwise the same gradients.
   x, w, b may differ in dtype (bf16 x with fp32 w under autocast); all math is fp32.
+  add_layer_norm(x, r, w, b) -> (s, y): the forward loads x and r, stores s = x + r (rounded to s's dtype,
+            PyTorch's promotion of the two: fp32 for the fp32 residual stream + a bf16 branch under
+            autocast) and normalizes s; the backward reads ds, the gradient reaching s by the residual
+            path, and writes dx + ds once: the gradient of both x and r. Unfused, the add costs a pass
+            (read x, r, write s) that the LayerNorm then reads again, and autograd sums s's two gradients
+            in another pass: the fused op saves one read of s forward and a read + write backward.
 
 Floor (N rows of C; s = bytes per element of x, sw of w and b)
   forward   read x, w, b; write y, mean, rstd      2*N*C*s + 2*C*sw + 8*N
   backward  read dy, x, w, mean, rstd; write dx, dw, db   3*N*C*s + 8*N + 3*C*sw
   At 16384 x 768 bf16: fwd 50.4 MB, bwd 75.6 MB.
+  add_layer_norm: forward + N*C*(s_r + s) (read r, write s), backward + N*C*s (read ds); at 16384 x 768
+  with fp32 x, s, y and bf16 r: fwd 126 MB, bwd 151 MB (+ the cast of the gradient to r's dtype, a torch op).
 Total / floor: every forward program re-reads w and b (4 rows per program at C = 768: total/floor ~1.5
 counting every load, but they hit L1/L2 and DRAM sees them about once). mean and rstd are 8 bytes per row
 (0.5% of the floor at C = 768). The backward reads w once per program, and writes and re-reads the (P, C)
 fp32 partial buffers, P = 4 x SMs (528 on an H100): 2 x 2 x P x C x 4 bytes = 6.5 MB at C = 768, at most 9%
 over the floor if none of it stayed in L2 (most of it does). Unique bytes in `python -m bench.io_audit`.
+Not yet measured on a GPU: add_layer_norm (its +ds backward uses 148 registers on sm_90 vs 128, one
+program of 8 warps per SM instead of two: bench/ln_tune.py's configs are the lever if it is slow).
 
 Test: pytest tests/test_layernorm.py (interpreter on CPU, real kernel on a GPU).
 Benchmark: python bench/run.py (layer_norm); static report: compile_specs() via kernels/_triton_utils.py.
 """
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -39,17 +51,21 @@ MAX_C = 16384  # whole rows live in registers; wider rows would need a looped ke
 @triton.jit
 def _layer_norm_fwd_kernel(
     x_ptr,  # (N, C) input, row stride stride_x, unit column stride
+    r_ptr,  # (N, C) residual added to x first (HAS_RESIDUAL), row stride stride_r
+    s_ptr,  # (N, C) x + residual, contiguous, written when HAS_RESIDUAL; y and s share a dtype
     w_ptr,  # (C,) weight, any float dtype
     b_ptr,  # (C,) bias, any float dtype
     y_ptr,  # (N, C) output, contiguous, x's dtype
     mean_ptr,  # (N,) fp32
     rstd_ptr,  # (N,) fp32, 1 / sqrt(var + eps)
     stride_x,
+    stride_r,
     N,
     C,
     eps,
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # next power of two >= C
+    HAS_RESIDUAL: tl.constexpr,  # normalize s = x + residual (and store s) instead of x
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_C)
@@ -58,6 +74,11 @@ def _layer_norm_fwd_kernel(
     mask = row_ok[:, None] & col_ok[None, :]
     rows64 = rows.to(tl.int64)[:, None]
     x = tl.load(x_ptr + rows64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:  # s = x + residual in fp32, rounded to s's dtype as PyTorch's add rounds it
+        r = tl.load(r_ptr + rows64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(s_ptr.dtype.element_ty)
+        tl.store(s_ptr + rows64 * C + cols[None, :], s, mask=mask)
+        x = s.to(tl.float32)
     # IEEE-rounded division and sqrt (Triton's `/` and tl.sqrt are ~2-ulp approximations on a GPU): with
     # rstd up to 1/sqrt(eps) ~ 316, an ulp in the mean shows up as 1e-5 in dx (seen at C = 1 on an H100).
     Cf = C * 1.0  # works whether C is a runtime int or specialized to constexpr 1
@@ -80,16 +101,19 @@ def _layer_norm_bwd_kernel(
     mean_ptr,  # (N,) fp32, from the forward
     rstd_ptr,  # (N,) fp32, from the forward
     dx_ptr,  # (N, C) output, contiguous, x's dtype
+    ds_ptr,  # (N, C) gradient reaching x by another path, added to dx (HAS_DS), row stride stride_ds
     dw_part_ptr,  # (P, C) fp32: this program's sum of dy * xhat over its rows
     db_part_ptr,  # (P, C) fp32: this program's sum of dy over its rows
     stride_dy,
     stride_x,
+    stride_ds,
     N,
     C,
     tiles_per_program,  # program p handles row tiles [p * tiles_per_program, (p + 1) * tiles_per_program)
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     STAGES: tl.constexpr,  # software pipelining of the tile loop's loads (1: none; 2+: cp.async prefetch)
+    HAS_DS: tl.constexpr,  # add ds to dx (the residual branch of add_layer_norm)
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
@@ -112,6 +136,8 @@ def _layer_norm_bwd_kernel(
         c1 = tl.div_rn(tl.sum(xhat * g, axis=1), C * 1.0)
         c2 = tl.div_rn(tl.sum(g, axis=1), C * 1.0)
         dx = (g - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DS:
+            dx += tl.load(ds_ptr + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows64 * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
         db_acc += dy
@@ -171,7 +197,19 @@ def _check(x, weight, bias):
             raise ValueError(f"layer_norm (triton): {name} has shape {tuple(t.shape)}, expected ({C},) to match x's last dim")
 
 
-def _check_bwd(dy, x, weight, mean, rstd):
+def _check_add(x, residual, weight, bias):
+    _check(x, weight, bias)
+    if residual.dtype not in DTYPES:
+        raise TypeError(f"add_layer_norm (triton): residual has dtype {residual.dtype}; supported: float32, bfloat16, float16")
+    if residual.shape != x.shape:
+        raise ValueError(f"add_layer_norm (triton): residual has shape {tuple(residual.shape)}, x has {tuple(x.shape)}; "
+                         "they must be equal (no broadcasting)")
+
+
+def _check_bwd(dy, x, weight, mean, rstd, ds=None):
+    if ds is not None and (ds.shape != x.shape or ds.dtype not in DTYPES):
+        raise ValueError(f"layer_norm_bwd (triton): ds {tuple(ds.shape)} {ds.dtype} must have x's shape "
+                         f"{tuple(x.shape)} and a dtype in float32, bfloat16, float16")
     _check(x, weight, weight)
     if dy.shape != x.shape or dy.dtype not in DTYPES:
         raise ValueError(f"layer_norm_bwd (triton): dy {tuple(dy.shape)} {dy.dtype} must have x's shape "
@@ -192,24 +230,33 @@ def _rows(t):
 
 # ---- torch ops -----------------------------------------------------------------------------------
 
+def _forward(x, residual, weight, bias, eps):
+    """The forward launch: (s or None, y, mean, rstd); s = x + residual when residual is given."""
+    src = x if residual is None else residual  # (s's dtype: x + residual's, as PyTorch promotes)
+    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    C = x.shape[-1]
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    s = None if residual is None else torch.empty_like(y)
+    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    x2, r2 = _rows(x), _rows(src)
+    N = x2.shape[0]
+    if N:
+        block_r, block_c, num_warps = _tile(C, x.is_cuda)
+        _layer_norm_fwd_kernel[(cdiv(N, block_r),)](
+            x2, r2, y if s is None else s, weight.contiguous(), bias.contiguous(), y, mean, rstd,
+            x2.stride(0), r2.stride(0), N, C, eps,
+            BLOCK_R=block_r, BLOCK_C=block_c, HAS_RESIDUAL=residual is not None, num_warps=num_warps)
+    return s, y, mean, rstd
+
+
 @torch.library.custom_op("gpt2k::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (y in x's dtype, contiguous; mean (x.shape[:-1]) fp32; rstd fp32)."""
     _check(x, weight, bias)
     _check_device(x, weight, bias)
-    C = x.shape[-1]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
-    x2 = _rows(x)
-    N = x2.shape[0]
-    if N:
-        block_r, block_c, num_warps = _tile(C, x.is_cuda)
-        _layer_norm_fwd_kernel[(cdiv(N, block_r),)](
-            x2, weight.contiguous(), bias.contiguous(), y, mean, rstd, x2.stride(0), N, C, eps,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
-    return y, mean, rstd
+    return _forward(x, None, weight, bias, eps)[1:]
 
 
 @layer_norm_fwd.register_fake
@@ -219,15 +266,36 @@ def _(x, weight, bias, eps):
     return x.new_empty(x.shape), mean, torch.empty_like(mean)
 
 
+@torch.library.custom_op("gpt2k::add_layer_norm_fwd", mutates_args=())
+def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (s = x + residual, y = layer_norm(s), both contiguous in s's dtype (PyTorch's promotion of the
+    two); mean fp32; rstd fp32)."""
+    _check_add(x, residual, weight, bias)
+    _check_device(x, residual, weight, bias)
+    return _forward(x, residual, weight, bias, eps)
+
+
+@add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps):
+    _check_add(x, residual, weight, bias)
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype), mean, torch.empty_like(mean)
+
+
 @torch.library.custom_op("gpt2k::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                   rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dx in x's dtype, contiguous; dweight fp32 (C,); dbias fp32 (C,))."""
-    _check_bwd(dy, x, weight, mean, rstd)
-    _check_device(dy, x, weight, mean, rstd)
+                   rstd: torch.Tensor, ds: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx in x's dtype, contiguous; dweight fp32 (C,); dbias fp32 (C,)). ds, if given (x's shape), is a
+    gradient reaching x by another path (add_layer_norm's s output): dx = its sum with the LayerNorm's."""
+    _check_bwd(dy, x, weight, mean, rstd, ds)
+    _check_device(dy, x, weight, mean, rstd, *(() if ds is None else (ds,)))
     C = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     x2, dy2 = _rows(x), _rows(dy)
+    ds2 = dy2 if ds is None else _rows(ds)
     N = x2.shape[0]
     if N == 0:
         zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
@@ -239,15 +307,15 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     dw_part = torch.empty((programs, C), dtype=torch.float32, device=x.device)  # each program writes its row
     db_part = torch.empty_like(dw_part)
     _layer_norm_bwd_kernel[(programs,)](
-        dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, dw_part, db_part,
-        dy2.stride(0), x2.stride(0), N, C, tiles_per_program,
-        BLOCK_R=block_r, BLOCK_C=block_c, STAGES=BWD_STAGES, num_warps=num_warps)
+        dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, ds2, dw_part, db_part,
+        dy2.stride(0), x2.stride(0), ds2.stride(0), N, C, tiles_per_program,
+        BLOCK_R=block_r, BLOCK_C=block_c, STAGES=BWD_STAGES, HAS_DS=ds is not None, num_warps=num_warps)
     return dx, dw_part.sum(0), db_part.sum(0)
 
 
 @layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd):
-    _check_bwd(dy, x, weight, mean, rstd)
+def _(dy, x, weight, mean, rstd, ds=None):
+    _check_bwd(dy, x, weight, mean, rstd, ds)
     C = x.shape[-1]
     return x.new_empty(x.shape), x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
 
@@ -271,17 +339,53 @@ _EagerLayerNorm = eager_function(  # kernels/_eager.py: the same, without the di
     layer_norm_fwd, _setup_context, functools.partial(_backward, bwd=impl(layer_norm_bwd)), "_EagerLayerNorm")
 
 
-def layer_norm(x, weight, bias, eps=1e-5):
-    """Same as kernels.reference.layer_norm: normalize over the last dim, fp32 statistics, output in
-    x's dtype. weight/bias of None mean 1 and 0 (no affine gradient)."""
+def _add_setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps = inputs
+    s, _, mean, rstd = output
+    ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.dtypes = (x.dtype, residual.dtype, bias.dtype)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _add_backward(ctx, ds, dy, _dmean, _drstd, bwd=layer_norm_bwd):
+    # d(x + residual) = ds (from s's other uses) + the LayerNorm's dx, in one pass: it is both inputs' gradient
+    s, weight, mean, rstd = ctx.saved_tensors
+    dsum, dw, db = bwd(dy, s, weight, mean, rstd, ds)
+    x_dtype, r_dtype, b_dtype = ctx.dtypes
+    return dsum.to(x_dtype), dsum.to(r_dtype), dw.to(weight.dtype), db.to(b_dtype), None
+
+
+add_layer_norm_fwd.register_autograd(_add_backward, setup_context=_add_setup_context)
+_EagerAddLayerNorm = eager_function(
+    add_layer_norm_fwd, _add_setup_context, functools.partial(_add_backward, bwd=impl(layer_norm_bwd)),
+    "_EagerAddLayerNorm")
+
+
+def _affine(x, weight, bias):
     C = x.shape[-1] if x.dim() else 0
     if weight is None:
         weight = torch.ones(C, dtype=x.dtype, device=x.device)
     if bias is None:
         bias = torch.zeros(C, dtype=x.dtype, device=x.device)
+    return weight, bias
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """Same as kernels.reference.layer_norm: normalize over the last dim, fp32 statistics, output in
+    x's dtype. weight/bias of None mean 1 and 0 (no affine gradient)."""
+    weight, bias = _affine(x, weight, bias)
     if fast_path():
         return _EagerLayerNorm.apply(x, weight, bias, float(eps))[0]
     return layer_norm_fwd(x, weight, bias, float(eps))[0]
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-5):
+    """Same as kernels.reference.add_layer_norm: (s, layer_norm(s)) with s = x + residual, one kernel
+    forward and one backward (where s's gradient and the LayerNorm's are summed)."""
+    weight, bias = _affine(x, weight, bias)
+    if fast_path():
+        return tuple(_EagerAddLayerNorm.apply(x, residual, weight, bias, float(eps))[:2])
+    return tuple(add_layer_norm_fwd(x, residual, weight, bias, float(eps))[:2])
 
 
 # ---- ahead-of-time compile specs (GPT-2 shapes) --------------------------------------------------
@@ -289,25 +393,33 @@ def layer_norm(x, weight, bias, eps=1e-5):
 def compile_specs():
     """The kernels as the JIT specializes them for GPT-2: (B*T, 768) rows, all pointers, strides, N and C
     divisible by 16; bf16 rows with bf16 or fp32 (autocast) weights, and fp32 rows with fp32 weights: under
-    bf16 autocast the residual stream, which is what the model's LayerNorms read, stays fp32."""
+    bf16 autocast the residual stream, which is what the model's LayerNorms read, stays fp32. Plus
+    add_layer_norm as the model runs it under autocast: fp32 stream + bf16 branch output, fp32 s and y."""
     block_r, block_c, num_warps = _tile(768, on_gpu=True)
-    consts = {"BLOCK_R": block_r, "BLOCK_C": block_c}
     specs = []
-    for xt, wt in (("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")):
+    # (label, x/y/s dtype, residual dtype or None, weight dtype)
+    cases = [("", "bf16", None, "bf16"), ("", "bf16", None, "fp32"), ("", "fp32", None, "fp32"),
+             ("add_", "fp32", "bf16", "fp32")]
+    for label, xt, rt, wt in cases:
+        add = rt is not None
         specs.append(AotSpec(
-            name=f"layer_norm_fwd x={xt} w={wt} C=768", fn=_layer_norm_fwd_kernel,
-            signature={"x_ptr": f"*{xt}", "w_ptr": f"*{wt}", "b_ptr": f"*{wt}", "y_ptr": f"*{xt}",
-                       "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "stride_x": "i32", "N": "i32", "C": "i32",
-                       "eps": "fp32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-            constexprs=consts, num_warps=num_warps,
-            aligned=("x_ptr", "w_ptr", "b_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "stride_x", "N", "C")))
+            name=f"{label}layer_norm_fwd x={xt}{f' r={rt}' if add else ''} w={wt} C=768", fn=_layer_norm_fwd_kernel,
+            signature={"x_ptr": f"*{xt}", "r_ptr": f"*{rt or xt}", "s_ptr": f"*{xt}", "w_ptr": f"*{wt}",
+                       "b_ptr": f"*{wt}", "y_ptr": f"*{xt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                       "stride_x": "i32", "stride_r": "i32", "N": "i32", "C": "i32", "eps": "fp32",
+                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "HAS_RESIDUAL": "constexpr"},
+            constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, "HAS_RESIDUAL": add}, num_warps=num_warps,
+            aligned=("x_ptr", "r_ptr", "s_ptr", "w_ptr", "b_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "stride_x",
+                     "stride_r", "N", "C")))
         specs.append(AotSpec(
-            name=f"layer_norm_bwd x={xt} w={wt} C=768", fn=_layer_norm_bwd_kernel,
+            name=f"{label}layer_norm_bwd x={xt} w={wt}{' +ds' if add else ''} C=768", fn=_layer_norm_bwd_kernel,
             signature={"dy_ptr": f"*{xt}", "x_ptr": f"*{xt}", "w_ptr": f"*{wt}", "mean_ptr": "*fp32",
-                       "rstd_ptr": "*fp32", "dx_ptr": f"*{xt}", "dw_part_ptr": "*fp32", "db_part_ptr": "*fp32",
-                       "stride_dy": "i32", "stride_x": "i32", "N": "i32", "C": "i32", "tiles_per_program": "i32",
-                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "STAGES": "constexpr"},
-            constexprs={**consts, "STAGES": BWD_STAGES}, num_warps=num_warps,
-            aligned=("dy_ptr", "x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "dx_ptr", "dw_part_ptr", "db_part_ptr",
-                     "stride_dy", "stride_x", "N", "C")))
+                       "rstd_ptr": "*fp32", "dx_ptr": f"*{xt}", "ds_ptr": f"*{xt}", "dw_part_ptr": "*fp32",
+                       "db_part_ptr": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_ds": "i32",
+                       "N": "i32", "C": "i32", "tiles_per_program": "i32", "BLOCK_R": "constexpr",
+                       "BLOCK_C": "constexpr", "STAGES": "constexpr", "HAS_DS": "constexpr"},
+            constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, "STAGES": BWD_STAGES, "HAS_DS": add},
+            num_warps=num_warps,
+            aligned=("dy_ptr", "x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "dx_ptr", "ds_ptr", "dw_part_ptr",
+                     "db_part_ptr", "stride_dy", "stride_x", "stride_ds", "N", "C")))
     return specs

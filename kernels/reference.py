@@ -5,6 +5,9 @@ these (and these against an independent float64 computation in tests/test_refere
 
 Conventions shared by all backends:
   layer_norm(x, weight, bias, eps)   normalizes over the last dim; statistics in fp32; output in x's dtype.
+  add_layer_norm(x, residual, weight, bias, eps)
+                                     (s, layer_norm(s)), s = x + residual in PyTorch's promoted dtype;
+                                     the layer_norm backend's fused residual add (not an op of its own).
   gelu(x)                            tanh approximation (GPT-2's "gelu_new").
   attention(q, k, v)                 causal, q/k/v (B, H, T, D), scale 1/sqrt(D).
   cross_entropy(logits, targets, ignore_index=-1, vocab_size=None)
@@ -30,6 +33,12 @@ def layer_norm(x, weight, bias, eps=1e-5):
     w = weight.to(x.dtype) if weight is not None else None
     b = bias.to(x.dtype) if bias is not None else None
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def add_layer_norm(x, residual, weight, bias, eps=1e-5):
+    """(s, layer_norm(s)) with s = x + residual: a pre-LN block's residual add and the LayerNorm after it."""
+    s = x + residual
+    return s, layer_norm(s, weight, bias, eps)
 
 
 def gelu(x):

@@ -16,6 +16,14 @@ def _layer_norm(device):
     return layer_norm, (x, w, b), "_EagerLayerNorm"
 
 
+def _add_layer_norm(device):
+    from kernels.layernorm import add_layer_norm
+
+    x, r = torch.randn(3, 5, 40, device=device), torch.randn(3, 5, 40, device=device).to(torch.bfloat16)
+    w, b = torch.randn(40, device=device), torch.randn(40, device=device)
+    return (lambda x, r, w, b: add_layer_norm(x, r, w, b)[1]), (x, r, w, b), "_EagerAddLayerNorm"
+
+
 def _gelu(device):
     from kernels.gelu import gelu
 
@@ -56,8 +64,9 @@ def _run(fn, inputs):
     return [out.detach()] + [t.grad for t in inputs], grad_fn
 
 
-@pytest.mark.parametrize("make", [_layer_norm, _gelu, _attention, _cross_entropy, _cross_entropy_cuda],
-                         ids=["layer_norm", "gelu", "attention", "cross_entropy_triton", "cross_entropy_cuda"])
+@pytest.mark.parametrize("make", [_layer_norm, _add_layer_norm, _gelu, _attention, _cross_entropy, _cross_entropy_cuda],
+                         ids=["layer_norm", "add_layer_norm", "gelu", "attention", "cross_entropy_triton",
+                              "cross_entropy_cuda"])
 def test_fast_path_is_taken_and_equals_the_op(make, device, monkeypatch):
     fn, inputs, eager_name = make(device)
     torch.manual_seed(1)

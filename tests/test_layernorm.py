@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from kernels import layernorm as ln
 from kernels import reference as ref
-from numerics import assert_close
+from numerics import assert_close, max_err
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -124,6 +124,99 @@ def test_backward_is_deterministic(device):
 def test_none_weight_and_bias(device):
     x = torch.randn(4, 100, device=device)
     torch.testing.assert_close(ln.layer_norm(x, None, None), F.layer_norm(x, (100,)), rtol=1e-5, atol=1e-5)
+
+
+# ---- add_layer_norm: s = x + residual, then LayerNorm(s), one kernel each way -------------------------
+
+def _add_grads(fn, x, r, w, b, ds, dy):
+    """fn(x, r, w, b, eps) -> (s, y); backward with gradients ds for s and dy for y -> (s, y, dx, dr, dw, db)."""
+    x, r, w, b = (t.detach().requires_grad_() for t in (x, r, w, b))
+    s, y = fn(x, r, w, b, EPS)
+    torch.autograd.backward((s, y), (ds, dy))
+    return s.detach(), y.detach(), x.grad, r.grad, w.grad, b.grad
+
+
+def _add64(x, r, w, b, eps):
+    s = x + r
+    return s, F.layer_norm(s, (s.shape[-1],), w, b, eps)
+
+
+def check_add(x, r, w, b, atol=1e-6):
+    sdtype = torch.promote_types(x.dtype, r.dtype)
+    ds, dy = (torch.randn(x.shape, device=x.device).to(sdtype) for _ in range(2))
+    out = _add_grads(ln.add_layer_norm, x, r, w, b, ds, dy)
+    base = _add_grads(ref.add_layer_norm, x, r, w, b, ds, dy)
+    truth = _add_grads(_add64, *(t.double() for t in (x, r, w, b, ds, dy)))
+    if INTERPRET and sdtype == torch.bfloat16:
+        # the interpreter truncates the kernel's bf16 stores (s, y, and the summed gradient): allow the
+        # larger error of the bf16 reference and of the fp32 reference truncated the same way
+        up = _add_grads(ref.add_layer_norm, *(t.float() for t in (x, r, w, b, ds, dy)))
+        trunc = tuple(truncate_bf16(t) for t in up[:4]) + up[4:]
+        base = tuple(a if max_err(a, t) >= max_err(c, t) else c for a, c, t in zip(base, trunc, truth))
+    assert out[0].dtype == sdtype and out[1].dtype == sdtype
+    assert out[2].dtype == x.dtype and out[3].dtype == r.dtype and out[4].dtype == w.dtype
+    for name, o, bl, t in zip(("s", "y", "dx", "dresidual", "dweight", "dbias"), out, base, truth):
+        assert_close(o, t, bl, atol=atol * max(1.0, t.abs().max().item()), name=name)
+    return out
+
+
+@pytest.mark.parametrize("xdtype,rdtype,wdtype", [
+    (torch.float32, torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16, torch.float32),  # the model under bf16 autocast: fp32 stream + bf16 branch
+    (torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16, torch.float16),
+], ids=str)
+@pytest.mark.parametrize("shape", [(3, 1), (3, 7), (2, 5, 768), (1, 1000), (3, 4099)])
+def test_add_layer_norm_parity(xdtype, rdtype, wdtype, shape, device):
+    x, w, b = _inputs(shape, xdtype, wdtype, device=device)
+    r = (torch.randn(shape, device=device) * 3).to(rdtype)
+    check_add(x, r, w, b)
+
+
+def test_add_layer_norm_4096_rows_and_strided(device):
+    x, w, b = _inputs((4096, 768), torch.float32, device=device)
+    check_add(x, torch.randn(4096, 768, device=device).to(torch.bfloat16), w, b)
+    wide = torch.randn(6, 1100, device=device)
+    check_add(wide[:, 50:1050], torch.randn(1000, 6, device=device).t(), *_inputs((1000,), torch.float32, device=device)[1:])
+
+
+def test_add_layer_norm_is_the_two_ops_and_deterministic(device):
+    """s is exactly x + residual (PyTorch's add), y is exactly layer_norm(s); backward twice: bitwise equal."""
+    x, w, b = _inputs((64, 768), torch.float32, device=device)
+    r = torch.randn(64, 768, device=device).to(torch.bfloat16)
+    s, y = ln.add_layer_norm(x, r, w, b)
+    assert torch.equal(s, x + r)
+    assert torch.equal(y, ln.layer_norm(s, w, b))
+    ds, dy = torch.randn_like(s), torch.randn_like(s)
+    first = _add_grads(ln.add_layer_norm, x, r, w, b, ds, dy)
+    second = _add_grads(ln.add_layer_norm, x, r, w, b, ds, dy)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def test_add_layer_norm_bad_input(device):
+    x, w, b = _inputs((3, 16), torch.float32, device=device)
+    with pytest.raises(ValueError, match=r"residual has shape \(3, 8\), x has \(3, 16\)"):
+        ln.add_layer_norm(x, x[:, :8], w, b)
+    with pytest.raises(TypeError, match="residual has dtype torch.float64; supported"):
+        ln.add_layer_norm(x, x.double(), w, b)
+    y, mean, rstd = torch.ops.gpt2k.layer_norm_fwd(x, w, b, EPS)
+    with pytest.raises(ValueError, match="ds .* must have x's shape"):
+        torch.ops.gpt2k.layer_norm_bwd(y, x, w, mean, rstd, y[:2])
+
+
+@pytest.mark.parametrize("rdtype", [torch.float32, torch.bfloat16], ids=str)
+def test_add_layer_norm_opcheck_and_compile(rdtype, device):
+    x, w, b = _inputs((2, 3, 40), torch.float32, device=device)
+    r = torch.randn(2, 3, 40, device=device).to(rdtype)
+    args = [t.clone().requires_grad_() for t in (x, r, w, b)]
+    torch.library.opcheck(torch.ops.gpt2k.add_layer_norm_fwd.default, (*args, EPS))
+    s, y, mean, rstd = torch.ops.gpt2k.add_layer_norm_fwd(x, r, w, b, EPS)
+    torch.library.opcheck(torch.ops.gpt2k.layer_norm_bwd.default, (torch.randn_like(y), s, w, mean, rstd, torch.randn_like(s)))
+    ds, dy = torch.randn_like(s), torch.randn_like(s)
+    compiled = torch.compile(ln.add_layer_norm, backend="aot_eager", fullgraph=True)
+    for a, c in zip(_add_grads(compiled, x, r, w, b, ds, dy), _add_grads(ln.add_layer_norm, x, r, w, b, ds, dy)):
+        assert torch.equal(a, c)
 
 
 @pytest.mark.parametrize("xdtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)])

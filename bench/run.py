@@ -217,11 +217,19 @@ def build_provider(b, name):
             return specs.BASELINES[name][1](b.op)
         except Exception as e:
             raise Unavailable(f"{type(e).__name__}: {e}") from e
+    op = specs.COMPANION_OF.get(b.op, b.op)  # add_layer_norm comes with layer_norm's backend
     try:
-        ops = kernels.get_ops(f"torch,{b.op}={name}")
+        ops = kernels.get_ops(f"torch,{op}={name}")
     except (kernels.BackendUnavailable, ValueError) as e:
         raise Unavailable(str(e).replace("\n", " ")) from e
     return getattr(ops, b.op)
+
+
+def _backward(out, dy, retain_graph=None):
+    """out.backward(dy), also for a tuple of outputs with a tuple of gradients."""
+    import torch
+
+    torch.autograd.backward(out, dy, retain_graph=retain_graph)
 
 
 def _prepare(b, fn, device):
@@ -235,8 +243,11 @@ def _prepare(b, fn, device):
         opt.step()  # allocates the state; compiles / autotunes
         return opt.step, None, []
     out = fn(*args, **kwargs)
-    dy = torch.randn_like(out) if out.numel() > 1 else None
-    out.backward(dy)
+    if isinstance(out, tuple):  # several outputs (add_layer_norm's s and y): a gradient for each
+        dy = tuple(torch.randn_like(o) for o in out)
+    else:
+        dy = torch.randn_like(out) if out.numel() > 1 else None
+    _backward(out, dy)
     for t in leaves:
         t.grad = None
     return (lambda: fn(*args, **kwargs)), dy, leaves
@@ -250,7 +261,7 @@ def time_row(b, mode, fn, rep, clock, graphs=True):
     def run():
         if mode in ("fwd", "step"):
             return forward()
-        forward().backward(dy)
+        _backward(forward(), dy)
     clock.sync()
     base = clock.memory_allocated()
     clock.reset_peak()
@@ -291,7 +302,7 @@ def bench_backward(forward, dy, leaves, rep, clock, warmup=25):
         clock.flush_l2()
         start, stop, elapsed = clock.interval()
         start()
-        out.backward(dy)
+        _backward(out, dy)
         stop()
         return elapsed
 
@@ -351,7 +362,7 @@ def time_graph(b, mode, fn, clock, ms_hint, rep):
                 if mode in ("fwd", "step"):
                     forward()
                 else:
-                    forward().backward(dy)
+                    _backward(forward(), dy)
                 for t in leaves:
                     t.grad = None
         if mode == "bwd":  # the backwards' graphs: kept alive until the timing is done
@@ -373,9 +384,9 @@ def time_graph(b, mode, fn, clock, ms_hint, rep):
                 forward()
                 continue
             if mode == "bwd":
-                outs[i].backward(dy, retain_graph=True)
+                _backward(outs[i], dy, retain_graph=True)
             else:
-                forward().backward(dy)
+                _backward(forward(), dy)
             for t in leaves:
                 t.grad = None
     replay = clock.capture(body, stream)
@@ -674,7 +685,8 @@ def triton_modules(ops=None):
 
     registry = {t.split(":")[0]: op for op, impls in kernels._REGISTRY.items() for b, t in impls.items() if b == "triton"}
     if ops:
-        names = {m for m, op in registry.items() if op in ops}
+        wanted = set(ops) | {specs.COMPANION_OF[o] for o in ops if o in specs.COMPANION_OF}
+        names = {m for m, op in registry.items() if op in wanted}
     else:
         names = set(TRITON_MODULES) | set(registry)
         names |= {f"kernels.{f.stem}" for f in (ROOT / "kernels").glob("*.py")
@@ -750,7 +762,8 @@ def run_static(args):
 
     try:
         audit = io_audit.audit(None if not args.ops else
-                               [n for n, (op, *_) in io_audit.AUDITS.items() if op in args.ops or op == "-"])
+                               [n for n, (op, *_) in io_audit.AUDITS.items()
+                                if op in args.ops or op == "-" or op in {specs.COMPANION_OF.get(o) for o in args.ops}])
         print(io_audit.table(audit))
     except Exception as e:  # reported; tests/test_bench.py enforces the audit
         audit = [{"kernel": "-", "status": "error", "reason": f"{type(e).__name__}: {e}"}]

@@ -62,6 +62,9 @@ BENCHES = [
     Bench("layer_norm", {"N": 4 * N, "C": C}, "bfloat16", baselines=("eager", "compile")),  # B=64 (issue 3's 2nd shape)
     # Under bf16 autocast the residual stream (the LayerNorm input) stays fp32.
     Bench("layer_norm", {"N": N, "C": C}, "float32", baselines=("eager", "compile")),
+    # The model's ln_2 under bf16 autocast: fp32 residual stream x + the bf16 attention output (the dtype
+    # here), s and y in fp32; eager = the add and the LayerNorm as two PyTorch ops, compile fuses them.
+    Bench("add_layer_norm", {"N": N, "C": C}, "bfloat16", baselines=("eager", "compile"), quick=True),
     Bench("gelu", {"N": N, "C": 4 * C}, "bfloat16", baselines=("eager", "compile"), quick=True),
     Bench("attention", {"B": 16, "H": 12, "T": 1024, "D": 64}, baselines=ATTN, bound="compute", quick=True),
     Bench("attention", {"B": 64, "H": 12, "T": 1024, "D": 64}, baselines=ATTN, bound="compute"),
@@ -74,6 +77,9 @@ BENCHES = [
     Bench("AdamW", {"params": 124_475_904}, "float32", modes=("step",),
           baselines=("foreach", "fused", "compile"), quick=True),
 ]
+
+# Benched functions that are not ops of a spec but come with one (kernels.COMPANIONS).
+COMPANION_OF = {"add_layer_norm": "layer_norm"}
 
 # --e2e: one run per single-op switch from the torch backend (what each kernel buys on its own).
 E2E_ABLATIONS = [("layer_norm", "triton"), ("gelu", "triton"), ("attention", "triton"), ("cross_entropy", "triton"),
@@ -98,6 +104,11 @@ def ideal_bytes(b, mode):
         n, c, ws = sh["N"] * sh["C"], sh["C"], 4  # weight and bias are fp32 parameters
         fwd = 2 * n * s + 2 * c * ws  # x, w, b -> y
         bwd = 3 * n * s + 3 * c * ws  # dy, x, w -> dx, dw, db
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    if b.op == "add_layer_norm":  # x, s, y, ds, dy, dx fp32; the residual r and dr in b.dtype
+        n, c, f = sh["N"] * sh["C"], sh["C"], 4
+        fwd = n * (f + s + 2 * f) + 2 * c * f  # x, r, w, b -> s, y
+        bwd = n * (3 * f + f + s) + 3 * c * f  # ds, dy, s, w -> dx, dr, dw, db
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
     if b.op == "gelu":
         n = sh["N"] * sh["C"]
@@ -148,6 +159,10 @@ def make_inputs(b, device):
     if b.op == "layer_norm":
         x, w, bias = randn(sh["N"], sh["C"]), randn(sh["C"], dtype=torch.float32), randn(sh["C"], dtype=torch.float32)
         return (x, w, bias), {}, [x, w, bias]
+    if b.op == "add_layer_norm":
+        x, r = randn(sh["N"], sh["C"], dtype=torch.float32), randn(sh["N"], sh["C"])
+        w, bias = randn(sh["C"], dtype=torch.float32), randn(sh["C"], dtype=torch.float32)
+        return (x, r, w, bias), {}, [x, r, w, bias]
     if b.op == "gelu":
         x = randn(sh["N"], sh["C"])
         return (x,), {}, [x]

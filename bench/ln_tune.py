@@ -9,6 +9,9 @@ floor (74 us for 75.6 MB). Its loop over row tiles is serial and unpipelined, at
 `tl.range(num_stages=)` software pipelining of the backward's tile loop (stages >= 2 compile to cp.async
 prefetches into shared memory with the registers unchanged; see the static report).
 Prediction: stages 2-3 bring the backward near the forward's bandwidth (~75% of copy), ~35 us.
+Also swept: fp32 rows (--fp32-rows; under bf16 autocast the residual stream is fp32) and add_layer_norm as
+the model's ln_2 runs it (--add-rows: fp32 stream + bf16 residual; its backward with the residual gradient
+uses 148 registers on sm_90 at the default config).
 
 Timing: device only, CUDA-graph replay of 20 calls rotating through 4 input copies (so inputs of 25 MB do not
 sit in the 50 MB L2 between calls), median of 5 replays, CUDA events. Every candidate's outputs are checked
@@ -78,57 +81,75 @@ def _graph_ms(calls, torch):
     return statistics.median(times)
 
 
-def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, dtype=None):
+def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, dtype=None, add=False):
     """Rows of timings for every config. `timer(calls) -> ms` defaults to CUDA-graph replay; the tests run
-    the same sweep on CPU tensors in Triton's interpreter with a stand-in timer (checks only)."""
+    the same sweep on CPU tensors in Triton's interpreter with a stand-in timer (checks only).
+    add=True sweeps add_layer_norm as the model runs it: fp32 rows x (dtype ignored) + a bf16 residual,
+    forward storing s = x + r, backward adding the residual gradient ds."""
     import torch
 
     from kernels import layernorm as ln
     from kernels import reference as ref
 
     dev, sw = device, 4
-    if dtype is None:  # bf16 on a GPU; fp32 in the interpreter, which casts to bf16 by truncation
+    if add:
+        dtype = torch.float32
+    elif dtype is None:  # bf16 on a GPU; fp32 in the interpreter, which casts to bf16 by truncation
         dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     s = torch.finfo(dtype).bits // 8
-    dtype_name = str(dtype).split(".")[-1]
+    dtype_name = str(dtype).split(".")[-1] + ("+bf16 residual" if add else "")
     timer = timer or (lambda calls: _graph_ms(calls, torch))
-    sets = []
+
+    def randn(dt=dtype):
+        return torch.randn(N, C, device=dev).to(dt)
+
+    sets = []  # x, r, w, b, dy, ds (r and ds only with add)
     for i in range(SETS):
-        x = torch.randn(N, C, device=dev).to(dtype)
         w, b = 1 + 0.1 * torch.randn(C, device=dev), 0.1 * torch.randn(C, device=dev)
-        dy = torch.randn(N, C, device=dev).to(dtype)
-        sets.append((x, w, b, dy))
-    x, w, b, dy = sets[0]
+        sets.append((randn(), randn(torch.bfloat16) if add else None, w, b, randn(), randn() if add else None))
+    x, r, w, b, dy, ds = sets[0]
     # float64 truth and the default config's error, for the checks
-    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
-    y64 = ref.layer_norm(x64, w64, b64)
-    y64.backward(dy.double())
+    leaves = [t.double().requires_grad_() for t in (x, w, b)]
+    x64, w64, b64 = leaves
+    s64 = x64 + r.double() if add else x64
+    y64 = ref.layer_norm(s64, w64, b64)
+    torch.autograd.backward((y64, s64) if add else y64, (dy.double(), ds.double()) if add else dy.double())
     truth = {"y": y64.detach(), "dx": x64.grad, "dw": w64.grad, "db": b64.grad}
-    y, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-5)
-    dx, dw, db = ln.layer_norm_bwd(dy, x, w, mean, rstd)
-    default_err = {k: (v.double() - truth[k]).abs().max().item() for k, v in (("y", y), ("dx", dx), ("dw", dw), ("db", db))}
+    if add:
+        truth["s"] = s64.detach()
+        s_, y, mean, rstd = ln.add_layer_norm_fwd(x, r, w, b, 1e-5)
+        dx, dw, db = ln.layer_norm_bwd(dy, s_, w, mean, rstd, ds)
+        default = {"s": s_, "y": y, "dx": dx, "dw": dw, "db": db}
+    else:
+        y, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-5)
+        dx, dw, db = ln.layer_norm_bwd(dy, x, w, mean, rstd)
+        default = {"y": y, "dx": dx, "dw": dw, "db": db}
+    default_err = {k: (v.double() - truth[k]).abs().max().item() for k, v in default.items()}
     block_c = 1 << (C - 1).bit_length()
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 1
     rows = []
 
-    def check(name, got):
+    def check(got):
         err = {k: (v.double() - truth[k]).abs().max().item() for k, v in got.items()}
         bad = [k for k in err if not (err[k] <= 2 * default_err[k] + 1e-6)]  # NaN fails too
         return err, bad
 
-    fwd_bytes = 2 * N * C * s + 2 * C * sw + 8 * N
+    fwd_bytes = 2 * N * C * s + 2 * C * sw + 8 * N + (N * C * (2 + s) if add else 0)  # + read r, write s
     for br, warps in fwd_cfgs:
-        outs = [(torch.empty_like(x), torch.empty(N, device=dev), torch.empty(N, device=dev)) for _ in sets]
+        outs = [(torch.empty_like(x), torch.empty_like(x), torch.empty(N, device=dev), torch.empty(N, device=dev))
+                for _ in sets]
 
         def launch(i, br=br, warps=warps):
-            xi, wi, bi, _ = sets[i]
-            yi, mi, ri = outs[i]
-            ln._layer_norm_fwd_kernel[(-(-N // br),)](xi, xi, yi, wi, bi, yi, mi, ri, C, C, N, C, 1e-5, BLOCK_R=br,
-                                                       BLOCK_C=block_c, HAS_RESIDUAL=False, num_warps=warps)
+            xi, ri, wi, bi, _, _ = sets[i]
+            si, yi, mi, rsi = outs[i]
+            ln._layer_norm_fwd_kernel[(-(-N // br),)](xi, ri if add else xi, si, wi, bi, yi, mi, rsi, C, C, N, C,
+                                                       1e-5, BLOCK_R=br, BLOCK_C=block_c, HAS_RESIDUAL=add,
+                                                       num_warps=warps)
         row = {"kernel": "fwd", "dtype": dtype_name, "N": N, "C": C, "block_r": br, "warps": warps}
         try:
             ms = timer([lambda i=i: launch(i) for i in range(SETS)])
-            err, bad = check("fwd", {"y": outs[0][0]})
+            got = {"y": outs[0][1], **({"s": outs[0][0]} if add else {})}
+            err, bad = check(got)
             row.update(ms=ms, gbps=fwd_bytes / ms / 1e6, pct_copy=100 * fwd_bytes / ms / 1e6 / copy_gbps,
                        max_err=err, bad=bad, default=(br, block_c, warps) == ln._tile(C))
         except Exception as e:
@@ -136,8 +157,14 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         rows.append(row)
         say(row)
 
-    bwd_bytes = 3 * N * C * s + 8 * N + 3 * C * sw
-    stats = [ln.layer_norm_fwd(xi, wi, bi, 1e-5)[1:] for xi, wi, bi, _ in sets]
+    bwd_bytes = 3 * N * C * s + 8 * N + 3 * C * sw + (N * C * s if add else 0)  # + read ds
+    stats = []  # per input set: (the LayerNorm's input: s or x, mean, rstd)
+    for xi, ri, wi, bi, _, _ in sets:
+        if add:
+            si, _, mi, rsi = ln.add_layer_norm_fwd(xi, ri, wi, bi, 1e-5)
+        else:
+            si, (_, mi, rsi) = xi, ln.layer_norm_fwd(xi, wi, bi, 1e-5)
+        stats.append((si, mi, rsi))
     for br, warps, stages, per_sm in bwd_cfgs:
         tiles = -(-N // br)
         tpp = -(-tiles // (per_sm * sms))
@@ -145,12 +172,12 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         outs = [(torch.empty_like(x), torch.empty(2, programs, C, device=dev)) for _ in sets]
 
         def launch(i, br=br, warps=warps, stages=stages, tpp=tpp, programs=programs):
-            xi, wi, _, dyi = sets[i]
-            mi, ri = stats[i]
+            _, _, wi, _, dyi, dsi = sets[i]
+            xi, mi, ri = stats[i]
             dxi, parts = outs[i]
-            ln._layer_norm_bwd_kernel[(programs,)](dyi, xi, wi, mi, ri, dxi, dyi, parts[0], parts[1], C, C, C, N, C,
-                                                   tpp, BLOCK_R=br, BLOCK_C=block_c, STAGES=stages, HAS_DS=False,
-                                                   num_warps=warps)
+            ln._layer_norm_bwd_kernel[(programs,)](dyi, xi, wi, mi, ri, dxi, dsi if add else dyi, parts[0], parts[1],
+                                                   C, C, C, N, C, tpp, BLOCK_R=br, BLOCK_C=block_c, STAGES=stages,
+                                                   HAS_DS=add, num_warps=warps)
             parts.sum(1)  # the op's reduction of the partial sums (a torch kernel), timed with it
         row = {"kernel": "bwd", "dtype": dtype_name, "N": N, "C": C, "block_r": br, "warps": warps, "stages": stages,
                "programs_per_sm": per_sm, "programs": programs}
@@ -158,7 +185,7 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
             ms = timer([lambda i=i: launch(i) for i in range(SETS)])
             dxi, parts = outs[0]
             sums = parts.sum(1)
-            err, bad = check("bwd", {"dx": dxi, "dw": sums[0], "db": sums[1]})
+            err, bad = check({"dx": dxi, "dw": sums[0], "db": sums[1]})
             default = (br, block_c, warps) == ln._tile(C) and stages == ln.BWD_STAGES and per_sm == ln.BWD_PROGRAMS_PER_SM
             row.update(ms=ms, gbps=bwd_bytes / ms / 1e6, pct_copy=100 * bwd_bytes / ms / 1e6 / copy_gbps,
                        max_err=err, bad=bad, default=default)
@@ -185,6 +212,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer backward candidates")
     p.add_argument("--fp32-rows", default="16384", help="row counts also swept with fp32 rows and weights (the "
                    "residual stream under autocast); '' for none")
+    p.add_argument("--add-rows", default="16384", help="row counts swept for add_layer_norm (fp32 stream + bf16 "
+                   "residual, the model's ln_2); '' for none")
     args = p.parse_args(argv)
     import torch
 
@@ -194,9 +223,10 @@ def main(argv=None):
     try:
         rows_list = [int(n) for n in args.rows.split(",")]
         fp32_rows = [int(n) for n in args.fp32_rows.split(",") if n.strip()]
+        add_rows = [int(n) for n in args.add_rows.split(",") if n.strip()]
     except ValueError:
-        p.error(f"--rows and --fp32-rows must be comma-separated integers, got {args.rows!r}, {args.fp32_rows!r}")
-    if any(n < 1 for n in rows_list + fp32_rows) or args.C < 1:
+        p.error("--rows, --fp32-rows and --add-rows must be comma-separated integers")
+    if any(n < 1 for n in rows_list + fp32_rows + add_rows) or args.C < 1:
         p.error("--rows and --C must be >= 1")
     from bench.run import measure_limits
 
@@ -215,6 +245,8 @@ def main(argv=None):
         rows += sweep(N, args.C, FWD, bwd, limits["copy_gbps"], say, dtype=torch.bfloat16)
     for N in fp32_rows:
         rows += sweep(N, args.C, FWD, bwd, limits["copy_gbps"], say, dtype=torch.float32)
+    for N in add_rows:
+        rows += sweep(N, args.C, FWD, bwd, limits["copy_gbps"], say, add=True)
     best = {}
     for r in rows:
         if "error" not in r and not r["bad"]:

@@ -331,9 +331,14 @@ def test_tuner_candidates_are_correct(device):
     rows = ln_tune.sweep(37, 40, [(1, 1), (4, 8), (16, 16)], [(4, 8, 1, 4), (2, 4, 2, 2), (1, 2, 3, 8)], 1.0,
                          lambda r: None, device=device, timer=timer)
     assert len(rows) == 6 and calls == [ln_tune.SETS] * 6
+    rows += ln_tune.sweep(37, 40, [(1, 1), (4, 8)], [(4, 8, 1, 4), (1, 2, 2, 8)], 1.0, lambda r: None, device=device,
+                          timer=timer, add=True)  # add_layer_norm: fp32 rows + a bf16 residual
+    assert len(rows) == 10 and calls == [ln_tune.SETS] * 10
     for r in rows:
         assert "error" not in r, r
         assert r["bad"] == [], r
         assert all(math.isfinite(e) for e in r["max_err"].values()), r
+        # the sweep checks candidates against the default config; this checks the default against float64
+        assert all(e < 1e-3 for e in r["max_err"].values()), r  # fp32 rows here: errors ~1e-6
     compiled = {s.name for s in ln_tune.compile_specs()}
     assert len(compiled) == 2 * (len(ln_tune.FWD) + len({c[:3] for c in ln_tune.BWD}))

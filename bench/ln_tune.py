@@ -28,9 +28,13 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 FWD = [(1, 1), (1, 2), (2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (8, 16), (16, 16)]  # (rows per tile, warps)
-BWD = [(br, w, stages, per_sm) for br, w in ((1, 2), (2, 4), (4, 8), (8, 8)) for stages in (1, 2, 3)
-       for per_sm in (2, 4, 8)]  # (rows per tile, warps, pipelining stages, programs per SM)
-QUICK_BWD = [(4, 8, s, p) for s in (1, 2, 3) for p in (2, 4)] + [(2, 4, 2, 8), (1, 2, 2, 8)]
+# (rows per tile, warps, pipelining stages, programs per SM). Registers on sm_90 (static report, fp32 rows,
+# stages 1): R=4 w8 124-148 (2 programs of 8 warps per SM at most), R=2 w8 80 and R=4 w16 97 (more warps
+# resident: fewer elements per thread).
+BWD = [(br, w, stages, per_sm) for br, w in ((1, 2), (2, 4), (2, 8), (4, 8), (4, 16), (8, 8)) for stages in (1, 2, 3)
+       for per_sm in (2, 4, 8)]
+QUICK_BWD = [(4, 8, s, p) for s in (1, 2, 3) for p in (2, 4)] + [(2, 4, 2, 8), (1, 2, 2, 8), (2, 8, 1, 4), (2, 8, 2, 4),
+                                                                  (4, 16, 1, 2), (4, 16, 2, 2)]
 SETS, CALLS = 4, 20
 
 

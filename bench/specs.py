@@ -64,7 +64,7 @@ BENCHES = [
     Bench("layer_norm", {"N": N, "C": C}, "float32", baselines=("eager", "compile")),
     # The model's ln_2 under bf16 autocast: fp32 residual stream x + the bf16 attention output (the dtype
     # here), s and y in fp32; eager = the add and the LayerNorm as two PyTorch ops, compile fuses them.
-    Bench("add_layer_norm", {"N": N, "C": C}, "bfloat16", baselines=("eager", "compile"), quick=True),
+    Bench("add_layer_norm", {"N": N, "C": C}, "bfloat16", baselines=("eager", "compile", "triton_unfused"), quick=True),
     Bench("gelu", {"N": N, "C": 4 * C}, "bfloat16", baselines=("eager", "compile"), quick=True),
     Bench("attention", {"B": 16, "H": 12, "T": 1024, "D": 64}, baselines=ATTN, bound="compute", quick=True),
     Bench("attention", {"B": 64, "H": 12, "T": 1024, "D": 64}, baselines=ATTN, bound="compute"),
@@ -220,6 +220,16 @@ def _compiled(op):
     return torch.compile(_eager(op), dynamic=False)
 
 
+def _triton_unfused(op):
+    """add_layer_norm as two ops: PyTorch's add, then our Triton layer_norm (the model before the fusion)."""
+    from kernels import layernorm
+
+    def add_layer_norm(x, residual, weight, bias, eps=1e-5):
+        s = x + residual
+        return s, layernorm.layer_norm(s, weight, bias, eps)
+    return add_layer_norm
+
+
 def _vendor_ce(op):
     import torch.nn.functional as F
 
@@ -246,6 +256,7 @@ BASELINES = {
     "sdpa_flash": ("F.scaled_dot_product_attention, FLASH_ATTENTION backend only", _sdpa("FLASH_ATTENTION")),
     "sdpa_cudnn": ("F.scaled_dot_product_attention, CUDNN_ATTENTION backend only", _sdpa("CUDNN_ATTENTION")),
     "vendor_ce": ("F.cross_entropy on the bf16 logits (no fp32 copy)", _vendor_ce),
+    "triton_unfused": ("x + residual in PyTorch, then our Triton layer_norm: what the fusion saves", _triton_unfused),
     "foreach": ("torch.optim.AdamW(foreach=True), PyTorch's default on CUDA", lambda op: _optimizer(foreach=True)),
     "fused": ("torch.optim.AdamW(fused=True), the vendor kernel", lambda op: _optimizer(fused=True)),
 }

@@ -480,12 +480,12 @@ def test_gpu_pipeline_times_a_two_output_op(fake_gpu, tmp_path, monkeypatch):
     """add_layer_norm returns (s, y): every mode (fwd, bwd alone, fwd+bwd) with do_bench and CUDA-graph
     timings runs backward through both outputs; ours comes from layer_norm's backend."""
     monkeypatch.setattr(specs, "BENCHES", [
-        specs.Bench("add_layer_norm", {"N": 7, "C": 32}, "bfloat16", baselines=("eager",), quick=True)])
+        specs.Bench("add_layer_norm", {"N": 7, "C": 32}, "bfloat16", baselines=("eager", "triton_unfused"), quick=True)])
     args = run.parse_args(["--quick", "--rep", "1", "--out", str(tmp_path)])
     assert run.run_gpu(args, clock=fake_gpu, limits=LIMITS) == 0
     doc = report.load(next(tmp_path.glob("*_gpu.json")))
     rows = {(r["mode"], r["provider"]): r for r in doc["rows"]}
-    assert len(rows) == 3 * 2
+    assert len(rows) == 3 * 3
     assert all(r["status"] == "ok" and r["timing_basis"] == "graph" for r in rows.values()), \
         [(k, r.get("reason"), r.get("graph_reason")) for k, r in rows.items()]
     fwd_bytes = 7 * 32 * (4 + 2 + 4 + 4) + 2 * 32 * 4  # x fp32, r bf16 -> s, y fp32; fp32 w, b

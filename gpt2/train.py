@@ -46,6 +46,10 @@ class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, bad arguments found late); the message says why."""
 
 
+class UsageError(ValueError):
+    """A bad argument or combination of arguments, found before training starts; the message says which."""
+
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile(mode=...)
 
 
@@ -137,17 +141,17 @@ def resolve_defaults(args, device):
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.max_steps // 20)
     if args.compile_mode is not None and not args.compile:
-        raise ValueError(f"--compile-mode {args.compile_mode} needs --compile (it is torch.compile's mode)")
+        raise UsageError(f"--compile-mode {args.compile_mode} needs --compile (it is torch.compile's mode)")
     if args.compile and args.compile_mode is None:
         args.compile_mode = "default"  # without --compile it stays None: no mode applies
     for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_steps", "sample_tokens", "eval_tokens",
                  "warmup_steps"):
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("batch_size", "seq_len", "total_batch_size", "n_layer", "n_head", "n_embd", "block_size", "hellaswag_limit"):
         value = getattr(args, name)
         if value is not None and value < 1:  # None: filled in later from the model (seq_len, total_batch_size)
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def check_cuda_graph_args(args, device, world):
@@ -156,12 +160,12 @@ def check_cuda_graph_args(args, device, world):
     if not args.cuda_graph:
         return
     if args.compile:
-        raise ValueError("--cuda-graph captures the eager model and does not combine with --compile; for CUDA graphs "
+        raise UsageError("--cuda-graph captures the eager model and does not combine with --compile; for CUDA graphs "
                          "of a compiled model use --compile --compile-mode reduce-overhead instead")
     if world > 1:
-        raise ValueError(f"--cuda-graph does not support DDP yet (world size {world}): run one process, or drop --cuda-graph")
+        raise UsageError(f"--cuda-graph does not support DDP yet (world size {world}): run one process, or drop --cuda-graph")
     if device.type != "cuda":
-        raise ValueError(f"--cuda-graph needs a CUDA GPU (the device is {device})")
+        raise UsageError(f"--cuda-graph needs a CUDA GPU (the device is {device})")
 
 
 def lr_at(step, args):
@@ -192,11 +196,11 @@ RESUME_MUST_MATCH = ("model", "n_layer", "n_head", "n_embd", "block_size", "init
 def check_resume_args(saved, args, ckpt_path):
     """Raise ValueError listing every run-defining argument that differs from the checkpoint's."""
     if not isinstance(saved, dict):
-        raise ValueError(f"{ckpt_path}: the checkpoint holds no saved arguments to check the resumed run against")
+        raise UsageError(f"{ckpt_path}: the checkpoint holds no saved arguments to check the resumed run against")
     diffs = [f"  --{k.replace('_', '-')}: saved {saved.get(k, '(missing)')!r}, now {getattr(args, k)!r}"
              for k in RESUME_MUST_MATCH if saved.get(k, "(missing)") != getattr(args, k)]
     if diffs:
-        raise ValueError(f"--resume {ckpt_path}: these arguments differ from the ones the run was started with "
+        raise UsageError(f"--resume {ckpt_path}: these arguments differ from the ones the run was started with "
                          "(they change the run's math; pass the saved values; kernels, compile, compile mode, cuda graph, "
                          "dtype, device, eval/sample/checkpoint cadence and out may differ):\n" + "\n".join(diffs))
 
@@ -208,7 +212,7 @@ def check_sample_length(args, block_size):
         return
     n_prompt = 1 + len(_encoding().encode(args.sample_prompt))
     if n_prompt + args.sample_tokens > block_size:
-        raise ValueError(f"--sample-tokens {args.sample_tokens} + the prompt's {n_prompt} tokens (<|endoftext|> + "
+        raise UsageError(f"--sample-tokens {args.sample_tokens} + the prompt's {n_prompt} tokens (<|endoftext|> + "
                          f"--sample-prompt) = {n_prompt + args.sample_tokens} exceeds the model's block size {block_size}: "
                          f"pass --sample-tokens {max(0, block_size - n_prompt)} or less (0: no sample), a shorter "
                          "--sample-prompt, or a larger --block-size")
@@ -446,15 +450,15 @@ def _train(args, rank, world, device):
     if args.seq_len is None:
         args.seq_len = min(64, config.block_size) if device.type == "cpu" else config.block_size
     if args.seq_len < 1:
-        raise ValueError(f"--seq-len must be >= 1, got {args.seq_len}")
+        raise UsageError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.seq_len > config.block_size:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds the model's block size {config.block_size}")
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's block size {config.block_size}")
     B, T = args.batch_size, args.seq_len
     per_micro = B * T * world
     if args.total_batch_size is None:
         args.total_batch_size = per_micro
     if args.total_batch_size % per_micro:
-        raise ValueError(f"--total-batch-size {args.total_batch_size} is not a multiple of batch-size x seq-len x world-size "
+        raise UsageError(f"--total-batch-size {args.total_batch_size} is not a multiple of batch-size x seq-len x world-size "
                          f"= {B} x {T} x {world} = {per_micro}")
     accum = args.total_batch_size // per_micro
     if ckpt is not None:
@@ -667,4 +671,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (UsageError, FileNotFoundError, gdata.ShardError, kernels.BackendUnavailable) as e:
+        # what the user can fix: the message alone (tests and library callers get the exception)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -426,3 +426,12 @@ def test_plot(straight, tmp_path):
     png = tmp_path / "loss.png"
     plot.main([str(out), str(out), "-o", str(png)])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_cli_prints_usage_errors_without_a_traceback(tmp_path):
+    """`python -m gpt2.train` with a bad argument: one line naming it, exit status 2, nothing written."""
+    p = subprocess.run([sys.executable, "-m", "gpt2.train", "--seq-len", "0", "--out", str(tmp_path / "x")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1] == "error: --seq-len must be >= 1, got 0", p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not (tmp_path / "x").exists()

@@ -126,3 +126,25 @@ def test_kernels_switch_whole_model():
     model = GPT(GPTConfig(**TINY), kernels="torch")
     assert model.kernels == "torch"
     assert all(block.mlp.ops is model.ops for block in model.transformer.h)
+
+
+def test_triton_model_under_torch_compile_equals_eager(device):
+    """The whole model with every Triton kernel (custom ops, incl. add_layer_norm and its backward with the
+    residual gradient) traced by torch.compile (aot_eager: the graphs run the same kernels): bitwise the
+    eager loss and gradients."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=64)
+    eager = GPT(config, kernels="triton").to(device)
+    traced = GPT(config, kernels="triton").to(device)
+    traced.load_state_dict(eager.state_dict())
+    idx = torch.randint(0, 64, (2, 16), device=device)
+    compiled = torch.compile(traced, backend="aot_eager")
+    losses = []
+    for model in (eager, compiled):
+        _, loss = model(idx, idx)
+        loss.backward()
+        losses.append(loss.detach())
+    assert torch.isfinite(losses[0]) and torch.equal(losses[0], losses[1])
+    grads = dict(traced.named_parameters())
+    for name, p in eager.named_parameters():
+        assert torch.equal(p.grad, grads[name].grad), name

@@ -16,7 +16,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 cat "$R/env.txt" | head -30
 for step in $STEPS; do
   case $step in
-    tests) timeout ${TESTS_TIMEOUT:-300} python -m pytest ${TESTS:-tests} -q -rs --durations=20 -p no:cacheprovider > "$R/pytest.log" 2>&1
+    tests) timeout ${TESTS_TIMEOUT:-540} python -m pytest ${TESTS:-tests} -q -rfEs --durations=20 -p no:cacheprovider > "$R/pytest.log" 2>&1
            echo "pytest rc=$?"; tail -40 "$R/pytest.log" ;;
     bench) timeout ${BENCH_TIMEOUT:-300} python bench/run.py --out "$R" ${BENCH_ARGS:-} > "$R/bench.log" 2>&1
            echo "bench rc=$?"; tail -60 "$R/bench.log" ;;

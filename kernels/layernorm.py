@@ -21,7 +21,8 @@ Floor (N rows of C; s = bytes per element of x, sw of w and b)
   backward  read dy, x, w, mean, rstd; write dx, dw, db   3*N*C*s + 8*N + 3*C*sw
   At 16384 x 768 bf16: fwd 50.4 MB, bwd 75.6 MB.
   add_layer_norm: forward + N*C*(s_r + s) (read r, write s), backward + N*C*s (read ds); at 16384 x 768
-  with fp32 x, s, y and bf16 r: fwd 126 MB, bwd 151 MB (+ the cast of the gradient to r's dtype, a torch op).
+  with fp32 x, s, y and bf16 r: fwd 176 MB, bwd 201 MB (+ 25 MB for r's bf16 gradient, cast by a torch op;
+  bench/specs.py counts it: 227 MB).
 Total / floor: every forward program re-reads w and b (4 rows per program at C = 768: total/floor ~1.5
 counting every load, but they hit L1/L2 and DRAM sees them about once). mean and rstd are 8 bytes per row
 (0.5% of the floor at C = 768). The backward reads w once per program, and writes and re-reads the (P, C)

@@ -143,7 +143,7 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         outs = [(torch.empty_like(x), torch.empty_like(x), torch.empty(N, device=dev), torch.empty(N, device=dev))
                 for _ in sets]
 
-        def launch(i, br=br, warps=warps):
+        def launch_fwd(i, br=br, warps=warps):
             xi, ri, wi, bi, _, _ = sets[i]
             si, yi, mi, rsi = outs[i]
             ln._layer_norm_fwd_kernel[(-(-N // br),)](xi, ri if add else xi, si, wi, bi, yi, mi, rsi, C, C, N, C,
@@ -151,7 +151,7 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
                                                        num_warps=warps)
         row = {"kernel": "fwd", "dtype": dtype_name, "N": N, "C": C, "block_r": br, "warps": warps}
         try:
-            ms = timer([lambda i=i: launch(i) for i in range(SETS)])
+            ms = timer([lambda i=i: launch_fwd(i) for i in range(SETS)])
             got = {"y": outs[0][1], **({"s": outs[0][0]} if add else {})}
             err, bad = check(got)
             row.update(ms=ms, gbps=fwd_bytes / ms / 1e6, pct_copy=100 * fwd_bytes / ms / 1e6 / copy_gbps,
@@ -175,7 +175,7 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         programs = -(-tiles // tpp)
         outs = [(torch.empty_like(x), torch.empty(2, programs, C, device=dev)) for _ in sets]
 
-        def launch(i, br=br, warps=warps, stages=stages, tpp=tpp, programs=programs):
+        def launch_bwd(i, br=br, warps=warps, stages=stages, tpp=tpp, programs=programs):
             _, _, wi, _, dyi, dsi = sets[i]
             xi, mi, ri = stats[i]
             dxi, parts = outs[i]
@@ -186,7 +186,7 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         row = {"kernel": "bwd", "dtype": dtype_name, "N": N, "C": C, "block_r": br, "warps": warps, "stages": stages,
                "programs_per_sm": per_sm, "programs": programs}
         try:
-            ms = timer([lambda i=i: launch(i) for i in range(SETS)])
+            ms = timer([lambda i=i: launch_bwd(i) for i in range(SETS)])
             dxi, parts = outs[0]
             sums = parts.sum(1)
             err, bad = check({"dx": dxi, "dw": sums[0], "db": sums[1]})

@@ -6,8 +6,6 @@ a plain number, so the CPU parity tests cannot catch such a kernel failing on a 
 happened to LayerNorm at C = 1). The zero-spill / shared-memory checks of the GPT-2-shape compiles live
 in each kernel's own test file and in `python bench/run.py --static`.
 """
-import pytest
-
 from kernels._triton_utils import static_report
 
 MODULES = ["kernels.layernorm", "kernels.gelu", "kernels.attention", "kernels.adamw", "kernels.cross_entropy"]

@@ -169,14 +169,10 @@ def _short(text, n=100):
 def plots(doc, stem):
     """stem_speedup.png (ours vs the fastest baseline, per op and mode) and stem_roofline.png (fraction
     of the measured limit, per provider). Returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = [r for r in doc.get("rows", []) if r["status"] == "ok"]
     if not rows:
         return []
+    gpu = doc["env"]["gpu"]
     labels, speed = [], {}
     ours = sorted({r["provider"] for r in rows if r["role"] == "ours"})
     for r in rows:
@@ -187,39 +183,41 @@ def plots(doc, stem):
             speed[(label, r["provider"])] = min(r["speedup"].values())  # vs the fastest baseline
     paths = []
     if labels:
-        fig, ax = plt.subplots(figsize=(10, 0.35 * len(labels) * max(1, len(ours)) + 1.5))
-        h = 0.8 / max(1, len(ours))
-        for j, prov in enumerate(ours):
-            ys = [i + j * h for i in range(len(labels))]
-            ax.barh(ys, [speed.get((lab, prov), 0) for lab in labels], height=h, label=prov)
-        ax.axvline(1.0, color="k", lw=0.8)
-        ax.set_yticks([i + 0.4 - h / 2 for i in range(len(labels))], labels, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("speedup vs the fastest baseline (x)")
-        ax.set_title(f"Our kernels vs the strongest baseline\n{doc['env']['gpu']}", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(f"{stem}_speedup.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_grouped_barh(f"{stem}_speedup.png", labels, ours, speed, 0.35,
+                                   "speedup vs the fastest baseline (x)",
+                                   f"Our kernels vs the strongest baseline\n{gpu}"))
     labels = list(dict.fromkeys(f"{r['op']} {r['variant']} {r['mode']}" for r in rows))
     provs = list(dict.fromkeys(r["provider"] for r in rows))
     frac = {(f"{r['op']} {r['variant']} {r['mode']}", r["provider"]): r["pct_of_limit"] / 100 for r in rows}
-    fig, ax = plt.subplots(figsize=(10, 0.25 * len(labels) * len(provs) + 1.5))
-    h = 0.8 / len(provs)
-    for j, prov in enumerate(provs):
-        ax.barh([i + j * h for i in range(len(labels))], [frac.get((lab, prov), 0) for lab in labels], height=h, label=prov)
+    paths.append(_grouped_barh(f"{stem}_roofline.png", labels, provs, frac, 0.25,
+                               "fraction of the measured limit (copy GB/s or bf16 matmul TFLOP/s) at the ideal "
+                               "bytes / FLOPs", f"Fraction of roofline\n{gpu}"))
+    return paths
+
+
+def _grouped_barh(path, labels, groups, value, row_height, xlabel, title):
+    """Horizontal bars: one row per label, one bar per group in it (value[(label, group)], 0 if absent),
+    a line at 1.0. Writes `path` and returns it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, row_height * len(labels) * max(1, len(groups)) + 1.5))
+    h = 0.8 / max(1, len(groups))
+    for j, group in enumerate(groups):
+        ax.barh([i + j * h for i in range(len(labels))], [value.get((lab, group), 0) for lab in labels],
+                height=h, label=group)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks([i + 0.4 - h / 2 for i in range(len(labels))], labels, fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("fraction of the measured limit (copy GB/s or bf16 matmul TFLOP/s) at the ideal bytes / FLOPs")
-    ax.set_title(f"Fraction of roofline\n{doc['env']['gpu']}", fontsize=9)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(f"{stem}_roofline.png")
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path
 
 
 # ---- compare -----------------------------------------------------------------------------------

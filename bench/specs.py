@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+import kernels
+
 # Datasheet peaks used by `--static` for floor times (dense bf16 tensor-core FLOP/s, HBM bytes/s).
 CARDS = {
     "H100 SXM": {"bytes_per_s": 3.35e12, "flops_per_s": 989e12},
@@ -78,8 +80,8 @@ BENCHES = [
           baselines=("foreach", "fused", "compile"), quick=True),
 ]
 
-# Benched functions that are not ops of a spec but come with one (kernels.COMPANIONS).
-COMPANION_OF = {"add_layer_norm": "layer_norm"}
+# Benched functions that are not ops of a spec but come with one: companion -> its op (kernels.COMPANIONS).
+COMPANION_OF = {name: op for op, names in kernels.COMPANIONS.items() for name in names}
 
 # --e2e: one run per single-op switch from the torch backend (what each kernel buys on its own).
 E2E_ABLATIONS = [("layer_norm", "triton"), ("gelu", "triton"), ("attention", "triton"), ("cross_entropy", "triton"),

@@ -31,19 +31,21 @@ def impl(op):
 
 
 def eager_function(op, setup_context, backward, name):
-    """A torch.autograd.Function running custom op `op`'s implementation in forward, then
-    `setup_context(ctx, inputs, output)` as registered with op.register_autograd; `backward(ctx, *grads)`
-    is the op's backward formula (it should call the backward op's implementation, `impl(bwd_op)`)."""
+    """A torch.autograd.Function running `op` in forward (a torch.library custom op: its Python
+    implementation; any other callable, e.g. a C++ op, as it is, below autograd), then
+    `setup_context(ctx, inputs, output)` as registered with the op's autograd; `backward(ctx, *grads)` is
+    the op's backward formula (for a custom op it should call the backward op's implementation, `impl(bwd_op)`)."""
+    fn = impl(op) if hasattr(op, "_init_fn") else op
 
     def forward(ctx, *inputs):
-        output = impl(op)(*inputs)
+        output = fn(*inputs)
         setup_context(ctx, inputs, output)
         return output
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
         "backward": staticmethod(backward),
-        "__doc__": f"Eager fast path of {op._qualname}: its implementation and autograd formula, without the dispatcher.",
+        "__doc__": "Eager fast path: an op's implementation and autograd formula, without the dispatcher.",
     })
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from kernels._eager import fast_path
+from kernels._eager import eager_function, fast_path
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = [_CSRC / "classifier.cpp", _CSRC / "classifier.cu"]
@@ -198,19 +198,10 @@ def _backward(ctx, grad_loss, _grad_dlogits):
     return dlogits * grad_loss.to(dlogits.dtype), None, None, None, None, None
 
 
-class _EagerCrossEntropy(torch.autograd.Function):
-    """Eager fast path: the extension's op called below autograd, with the same setup_context and backward
-    as its registered autograd formula (kernels/_eager.py)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = torch.ops.gpt2k_cuda.cross_entropy_fwd(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _backward(ctx, *grads)
+# Eager fast path: the extension's op called below autograd, with the same setup_context and backward as
+# its registered autograd formula (kernels/_eager.py). The op exists once the extension is loaded.
+_EagerCrossEntropy = eager_function(lambda *args: torch.ops.gpt2k_cuda.cross_entropy_fwd(*args), _setup_context,
+                                    _backward, "_EagerCrossEntropy")
 
 
 def _register_python_parts():

@@ -394,7 +394,10 @@ def train(args):
     # on an invalid row; the loop reads the loss once per step and stops on NaN/inf instead.
     checks = kernels.set_loss_row_checks(False)
     try:
-        return _train(args, rank, world, device)
+        log = _train(args, rank, world, device)
+        if world > 1:  # rank 0 may still be writing the last checkpoint: a rank that tears gloo down
+            torch.distributed.barrier()  # while its peer still uses the connection aborts the process
+        return log
     finally:
         kernels.set_loss_row_checks(checks)
         if world > 1:

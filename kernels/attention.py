@@ -506,6 +506,7 @@ def _setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled (B, H, T) gradient for lse (a memset launch per call)
 
 
 def _backward(ctx, do, _dlse, bwd=attention_bwd):

@@ -211,6 +211,8 @@ def _(dlogits, grad_output):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])  # auxiliary, and its gradient stays None (not a logits-sized
+    ctx.set_materialize_grads(False)        # zero-filled tensor: kernels/classifier.py's _setup_context)
     ctx.rows = inputs[0].shape[0]
 
 

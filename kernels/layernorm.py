@@ -327,6 +327,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.bias_dtype = bias.dtype
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients (two memset launches per call) for mean, rstd
 
 
 def _backward(ctx, dy, _dmean, _drstd, bwd=layer_norm_bwd):
@@ -346,11 +347,14 @@ def _add_setup_context(ctx, inputs, output):
     ctx.save_for_backward(s, weight, mean, rstd)
     ctx.dtypes = (x.dtype, residual.dtype, bias.dtype)
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # gradients of unused outputs stay None: see _add_backward
 
 
 def _add_backward(ctx, ds, dy, _dmean, _drstd, bwd=layer_norm_bwd):
     # d(x + residual) = ds (from s's other uses) + the LayerNorm's dx, in one pass: it is both inputs' gradient
     s, weight, mean, rstd = ctx.saved_tensors
+    if dy is None:  # only s was used: the LayerNorm's part is zero (ds None, only y used: the kernel skips it)
+        dy = torch.zeros_like(s)
     dsum, dw, db = bwd(dy, s, weight, mean, rstd, ds)
     x_dtype, r_dtype, b_dtype = ctx.dtypes
     return dsum.to(x_dtype), dsum.to(r_dtype), dw.to(weight.dtype), db.to(b_dtype), None

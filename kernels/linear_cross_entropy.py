@@ -121,6 +121,8 @@ def _(hidden, weight, targets, ignore_index, vocab_size, backend, chunk_rows, co
 def _setup_context(ctx, inputs, output):
     targets, ignore_index = inputs[2], inputs[3]
     ctx.save_for_backward(output[1], output[2], targets)
+    ctx.mark_non_differentiable(output[1], output[2])  # auxiliary; their gradients stay None instead of
+    ctx.set_materialize_grads(False)                   # zero-filled tensors (kernels/classifier.py)
     ctx.ignore_index = ignore_index
 
 

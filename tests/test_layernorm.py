@@ -194,6 +194,27 @@ def test_add_layer_norm_is_the_two_ops_and_deterministic(device):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "custom_op"])
+@pytest.mark.parametrize("used", ["s", "y"])
+def test_add_layer_norm_one_output_used(used, fast, device, monkeypatch):
+    """Only s (or only y) gets a gradient: the other one's is None in backward (not materialized as zeros),
+    and the result equals passing an explicit zero gradient for it."""
+    from kernels import _eager
+
+    monkeypatch.setattr(_eager, "ENABLED", fast)
+    x, w, b = _inputs((5, 7, 40), torch.float32, device=device)
+    r = torch.randn(5, 7, 40, device=device).to(torch.bfloat16)
+    g = torch.randn(5, 7, 40, device=device)
+    zero = torch.zeros_like(g)
+    ds, dy = (g, zero) if used == "s" else (zero, g)
+    explicit = _add_grads(ln.add_layer_norm, x, r, w, b, ds, dy)[2:]
+    leaves = [t.detach().requires_grad_() for t in (x, r, w, b)]
+    s, y = ln.add_layer_norm(*leaves, EPS)
+    (s if used == "s" else y).backward(g)
+    for name, a, e in zip(("dx", "dresidual", "dweight", "dbias"), (t.grad for t in leaves), explicit):
+        assert a is not None and torch.equal(a, e), name
+
+
 def test_add_layer_norm_bad_input(device):
     x, w, b = _inputs((3, 16), torch.float32, device=device)
     with pytest.raises(ValueError, match=r"residual has shape \(3, 8\), x has \(3, 16\)"):

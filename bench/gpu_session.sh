@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine: install, GPU tests, kernel timings, end-to-end runs.
-#   OUT=/dir bash bench/gpu_session.sh "tests bench e2e"   (any subset, in that order; also lntune: bench/ln_tune.py)
+#   OUT=/dir bash bench/gpu_session.sh "tests bench e2e"   (any subset, in that order; also lntune: bench/ln_tune.py,
+#   cetune: bench/ce_tune.py)
 # Data travels in .gpu/ (git-ignored): tiktoken_cache/, corpus/tinyshakespeare.txt, hellaswag/.
 # Logs and results go to $OUT/run/ and come back as one tarball plus the log tails.
 set -uo pipefail
@@ -24,7 +25,9 @@ for step in $STEPS; do
            echo "e2e rc=$?"; tail -40 "$R/e2e.log" ;;
     lntune) timeout ${LNTUNE_TIMEOUT:-240} python bench/ln_tune.py --out "$R" ${LNTUNE_ARGS:-} > "$R/ln_tune.out" 2>&1
            echo "ln_tune rc=$?"; tail -12 "$R/ln_tune.out" ;;
-    *)     echo "unknown step $step (tests bench e2e lntune)"; exit 2 ;;
+    cetune) timeout ${CETUNE_TIMEOUT:-240} python bench/ce_tune.py --profile --out "$R" ${CETUNE_ARGS:-} > "$R/ce_tune.out" 2>&1
+           echo "ce_tune rc=$?"; tail -40 "$R/ce_tune.out" ;;
+    *)     echo "unknown step $step (tests bench e2e lntune cetune)"; exit 2 ;;
   esac
 done
 tar czf "$OUT/run.tgz" -C "$OUT" run

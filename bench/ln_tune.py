@@ -60,8 +60,9 @@ def compile_specs(C=768):
     return specs
 
 
-def _graph_ms(calls, torch):
-    """Median ms per call of `calls` (a list of thunks, launched round-robin) replayed from one CUDA graph."""
+def graph_ms(calls, torch, n=CALLS):
+    """Median ms per call of `calls` (a list of thunks, launched round-robin, n launches in all) replayed
+    from one CUDA graph: 5 replays timed with CUDA events. bench/ce_tune.py uses it too."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -70,7 +71,7 @@ def _graph_ms(calls, torch):
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g, stream=stream):
-        for i in range(CALLS):
+        for i in range(n):
             calls[i % len(calls)]()
     g.replay()
     torch.cuda.synchronize()
@@ -81,7 +82,7 @@ def _graph_ms(calls, torch):
         g.replay()
         e.record()
         torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / CALLS)
+        times.append(s.elapsed_time(e) / n)
     return statistics.median(times)
 
 
@@ -102,7 +103,7 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     s = torch.finfo(dtype).bits // 8
     dtype_name = str(dtype).split(".")[-1] + ("+bf16 residual" if add else "")
-    timer = timer or (lambda calls: _graph_ms(calls, torch))
+    timer = timer or (lambda calls: graph_ms(calls, torch))
 
     def randn(dt=dtype):
         return torch.randn(N, C, device=dev).to(dt)

@@ -3,10 +3,16 @@
 //
 // What is fused: one block per row. Sweep 1 reads the row with 128-bit loads and keeps a running
 // max and sum of exp per thread (online softmax, fp32), merged across the block by shuffles; the
-// loss is (max - logit[target]) + log(sum). When a gradient is wanted, sweep 2 re-reads the row (a
-// 50304-wide bf16 row is 100 KB: still in L2, so DRAM sees it once) and writes
-// dlogits = (softmax - onehot(target)) * scale with 128-bit streaming stores, into a new buffer or in
-// place. scale = 1/count (count = non-ignored rows, computed on the device by a one-block kernel
+// loss is (max - logit[target]) + log(sum). When a gradient is wanted, sweep 2 goes over the row
+// again and writes dlogits = (softmax - onehot(target)) * scale with 128-bit streaming stores, into a
+// new buffer or in place. Where sweep 2 reads the row from:
+//   - staged (the default when two rows fit in an SM's shared memory: bf16/fp16 rows up to ~56k
+//     columns on an H100, not on an A100): sweep 1 also copies each 16-byte vector it loads into
+//     shared memory, and sweep 2 reads it back from there, so DRAM sees the row exactly once.
+//   - two sweeps (otherwise, or GPT2K_CE_STAGE=0): sweep 2 re-reads the row from global memory.
+//     Measured on an H100 (bench/NOTES.md): 1.68 ms for the 16384 x 50304 bf16 forward, i.e. the
+//     re-read came from DRAM, not L2 (264 rows of 100 KB in flight plus the stores overflow it).
+//   Both read the same values and compute the same way: same bits. scale = 1/count (count = non-ignored rows, computed on the device by a one-block kernel
 // first), so backward is only `scale_grad_` by grad_output, a kernel that returns at once when
 // grad_output == 1 (the usual loss.backward()): no host sync, no extra pass.
 // Floor (forward + backward): read the logits once + write dlogits once = N * Vp * 2 bytes each for
@@ -65,7 +71,7 @@ template <typename T, int E, bool kStream>
 __device__ __forceinline__ Pack<T, E> load(const T* p) {
   Pack<T, E> out;
   if constexpr (sizeof(T) * E == 16) {
-    // sweep 1: keep the row in L2 for sweep 2; sweep 2: last use, evict first (ld.global.cs)
+    // last use of the data: evict first (ld.global.cs); else keep it in L2 for a second sweep
     uint4 raw = kStream ? __ldcs(reinterpret_cast<const uint4*>(p)) : *reinterpret_cast<const uint4*>(p);
     memcpy(&out, &raw, 16);
   } else {
@@ -146,8 +152,25 @@ __global__ void ce_prep_kernel(const int64_t* __restrict__ targets, int64_t n, i
   }
 }
 
-// One block per row. `grad` may be null (loss only) or equal to `logits` (in place): no __restrict__.
+// 128-bit vectors <-> packs, for the staged row in shared memory.
 template <typename T, int E>
+__device__ __forceinline__ uint4 to_raw(const Pack<T, E>& p) {
+  uint4 raw;
+  memcpy(&raw, &p, 16);
+  return raw;
+}
+template <typename T, int E>
+__device__ __forceinline__ Pack<T, E> from_raw(uint4 raw) {
+  Pack<T, E> p;
+  memcpy(&p, &raw, 16);
+  return p;
+}
+
+// One block per row. `grad` may be null (loss only) or equal to `logits` (in place): no __restrict__.
+// kStage (128-bit vectors only): sweep 1 copies the row's real vectors into dynamic shared memory
+// (nvec_real * 16 bytes) and sweep 2 reads them from there. Each thread reads back exactly the vectors
+// it wrote (same i0, u, blockDim.x), so no barrier is needed between the two.
+template <typename T, int E, bool kStage>
 __global__ void __launch_bounds__(kThreads, 2)
     ce_row_kernel(const T* logits,          // (N, vp) row-major
                   T* grad,                  // (N, vp) dlogits, or null, or == logits
@@ -166,6 +189,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const bool live = !ignored && !bad_target;
   const int64_t nvec_real = (v + E - 1) / E;
   const int64_t step = int64_t{kUnroll} * blockDim.x;
+  static_assert(!kStage || sizeof(T) * E == 16, "the staged row holds 128-bit vectors");
+  extern __shared__ uint4 stage[];  // kStage: the row's real vectors
 
   // Sweep 1: online max / sum of exp over the real columns.
   float xt = 0.f;
@@ -177,7 +202,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = i0 + int64_t{u} * blockDim.x;
-        if (i < nvec_real) p[u] = load<T, E, false>(x + i * E);
+        if (i < nvec_real) {
+          p[u] = load<T, E, kStage>(x + i * E);  // staged: the only read of these bytes
+          if constexpr (kStage) stage[i] = to_raw(p[u]);
+        }
       }
       float cm = -INFINITY;  // max of this step's elements
 #pragma unroll
@@ -225,7 +253,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = i0 + int64_t{u} * blockDim.x;
-        if (i < nvec_real) p[u] = load<T, E, true>(x + i * E);
+        if (i < nvec_real) {
+          if constexpr (kStage) {
+            p[u] = from_raw<T, E>(stage[i]);
+          } else {
+            p[u] = load<T, E, true>(x + i * E);
+          }
+        }
       }
     }
 #pragma unroll
@@ -271,17 +305,25 @@ __global__ void scale_kernel(T* x, int64_t nvec, const float* __restrict__ s) {
   }
 }
 
-#define GPT2K_INSTANTIATE(T, E)                                                                            \
-  template __global__ void ce_row_kernel<T, E>(const T*, T*, const int64_t*, float*, int*, int64_t, int64_t, \
-                                               int64_t, bool);                                              \
-  template __global__ void scale_kernel<T, E>(T*, int64_t, const float*);
-GPT2K_INSTANTIATE(float, 4)
-GPT2K_INSTANTIATE(float, 1)
-GPT2K_INSTANTIATE(__half, 8)
-GPT2K_INSTANTIATE(__half, 1)
-GPT2K_INSTANTIATE(__nv_bfloat16, 8)
-GPT2K_INSTANTIATE(__nv_bfloat16, 1)
+#define GPT2K_INSTANTIATE(T, E, STAGE)                                                                     \
+  template __global__ void ce_row_kernel<T, E, STAGE>(const T*, T*, const int64_t*, float*, int*, int64_t,   \
+                                                      int64_t, int64_t, bool);
+GPT2K_INSTANTIATE(float, 4, true)
+GPT2K_INSTANTIATE(float, 4, false)
+GPT2K_INSTANTIATE(float, 1, false)
+GPT2K_INSTANTIATE(__half, 8, true)
+GPT2K_INSTANTIATE(__half, 8, false)
+GPT2K_INSTANTIATE(__half, 1, false)
+GPT2K_INSTANTIATE(__nv_bfloat16, 8, true)
+GPT2K_INSTANTIATE(__nv_bfloat16, 8, false)
+GPT2K_INSTANTIATE(__nv_bfloat16, 1, false)
 #undef GPT2K_INSTANTIATE
+template __global__ void scale_kernel<float, 4>(float*, int64_t, const float*);
+template __global__ void scale_kernel<float, 1>(float*, int64_t, const float*);
+template __global__ void scale_kernel<__half, 8>(__half*, int64_t, const float*);
+template __global__ void scale_kernel<__half, 1>(__half*, int64_t, const float*);
+template __global__ void scale_kernel<__nv_bfloat16, 8>(__nv_bfloat16*, int64_t, const float*);
+template __global__ void scale_kernel<__nv_bfloat16, 1>(__nv_bfloat16*, int64_t, const float*);
 
 }  // namespace
 }  // namespace gpt2k
@@ -297,6 +339,8 @@ GPT2K_INSTANTIATE(__nv_bfloat16, 1)
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <mutex>
 #include <tuple>
 
 namespace gpt2k {
@@ -309,6 +353,41 @@ void raise_invalid(int64_t bad_target_row, int64_t bad_row, const at::Tensor& ta
 namespace {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+constexpr int kMaxDevices = 64;
+
+// The most dynamic shared memory a staged row may take on `device` so that two blocks still fit on
+// one SM (the kernel's __launch_bounds__ minimum): half the SM's shared memory, less the 1 KB the
+// hardware reserves per block and the kernel's static shared memory. Queried once per device.
+int64_t stage_limit(int device) {
+  static std::once_flag once[kMaxDevices];
+  static int64_t limit[kMaxDevices];
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "cross_entropy: device index ", device, " out of range");
+  std::call_once(once[device], [device] {
+    int per_sm = 0, per_block = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    constexpr int kReservedAndStatic = 1024 + 1024;  // per block: the hardware's 1 KB, our ~0.5 KB static
+    limit[device] = std::max<int64_t>(0, std::min(per_sm / 2, per_block) - kReservedAndStatic);
+  });
+  return limit[device];
+}
+
+// Dynamic shared memory above 48 KB must be allowed per kernel, once per device.
+template <typename T, int E>
+void allow_stage(int device, int64_t bytes) {
+  static std::once_flag once[kMaxDevices];
+  std::call_once(once[device], [device, bytes] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(ce_row_kernel<T, E, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  });
+}
+
+// GPT2K_CE_STAGE=0 turns the staged row off (bench/ce_tune.py compares both); read at each call.
+bool stage_enabled() {
+  const char* env = std::getenv("GPT2K_CE_STAGE");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
 
 template <typename T>
 void launch_rows(const at::Tensor& logits, T* grad, const at::Tensor& targets, const at::Tensor& row_loss,
@@ -323,10 +402,15 @@ void launch_rows(const at::Tensor& logits, T* grad, const at::Tensor& targets, c
   const int threads = static_cast<int>(std::min<int64_t>(kThreads, (nvec + 31) / 32 * 32));
   auto args = std::make_tuple(x, grad, targets.const_data_ptr<int64_t>(), row_loss.mutable_data_ptr<float>(),
                               ws.mutable_data_ptr<int>(), vp, vocab_size, ignore_index, scale_by_count);
-  if (vec) {
-    std::apply([&](auto... a) { ce_row_kernel<T, E><<<n, threads, 0, stream>>>(a...); }, args);
+  const int device = logits.get_device();
+  const int64_t stage_bytes = (vocab_size + E - 1) / E * 16;  // the real columns' vectors
+  if (vec && grad != nullptr && stage_enabled() && stage_bytes <= stage_limit(device)) {
+    allow_stage<T, E>(device, stage_limit(device));
+    std::apply([&](auto... a) { ce_row_kernel<T, E, true><<<n, threads, stage_bytes, stream>>>(a...); }, args);
+  } else if (vec) {
+    std::apply([&](auto... a) { ce_row_kernel<T, E, false><<<n, threads, 0, stream>>>(a...); }, args);
   } else {
-    std::apply([&](auto... a) { ce_row_kernel<T, 1><<<n, threads, 0, stream>>>(a...); }, args);
+    std::apply([&](auto... a) { ce_row_kernel<T, 1, false><<<n, threads, 0, stream>>>(a...); }, args);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

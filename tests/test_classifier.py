@@ -275,7 +275,8 @@ def test_extension_is_built_with_its_cuda_kernels_when_a_toolkit_is_found():
 def test_cuda_compiles_for_sm80_sm90_without_spills():
     rows = C.ptxas_report((80, 90))
     names = {r["name"] for r in rows}
-    for kernel in ("ce_row_kernel<__nv_bfloat16, 8>", "ce_row_kernel<float, 4>", "ce_row_kernel<__half, 8>",
+    for kernel in ("ce_row_kernel<__nv_bfloat16, 8, true>", "ce_row_kernel<__nv_bfloat16, 8, false>",
+                   "ce_row_kernel<float, 4, true>", "ce_row_kernel<__half, 8, false>",
                    "ce_prep_kernel", "ce_finish_kernel", "scale_kernel<__nv_bfloat16, 8>"):
         assert kernel in names, f"{kernel} missing from {sorted(names)}"
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
@@ -284,9 +285,14 @@ def test_cuda_compiles_for_sm80_sm90_without_spills():
         assert r["shared_bytes"] <= 48 * 1024, r
         if r["expect_ld128"]:  # the 16-byte-vector versions
             assert r["ld128"] > 0 and r["st128"] > 0, f"no 128-bit loads/stores: {r}"
-    assert sum(r["expect_ld128"] for r in rows) == 2 * 6  # ce_row_kernel and scale_kernel x 3 dtypes x 2 archs
-    row = next(r for r in rows if r["name"] == "ce_row_kernel<__nv_bfloat16, 8>")
-    assert row["ld128"] >= 8 and row["st128"] >= 4, f"sweeps not unrolled x4 with 128-bit accesses: {row}"
+    # ce_row_kernel (staged and two sweeps) and scale_kernel, x 3 dtypes x 2 archs
+    assert sum(r["expect_ld128"] for r in rows) == 2 * 9
+    for arch in ("sm_80", "sm_90"):
+        two = next(r for r in rows if r["name"] == "ce_row_kernel<__nv_bfloat16, 8, false>" and r["arch"] == arch)
+        assert two["ld128"] >= 8 and two["st128"] >= 4, f"sweeps not unrolled x4 with 128-bit accesses: {two}"
+        staged = next(r for r in rows if r["name"] == "ce_row_kernel<__nv_bfloat16, 8, true>" and r["arch"] == arch)
+        # one sweep over global memory (the other reads shared memory), unrolled x4
+        assert staged["ld128"] == 4 and staged["st128"] >= 4, f"staged row: {staged}"
 
 
 # ---- linear_cross_entropy and the model ----------------------------------------------------------
@@ -405,6 +411,76 @@ def test_cuda_fused_ce_inplace(dtype):
     ref_loss.backward()
     assert_close(total, loss64 * count, ref_loss.detach(), atol=1e-3, name="loss sum")
     assert_close(buf, grad64 * count, ref.grad, atol=1e-6, name="dlogits")
+
+
+def test_ce_tune_measures_both_kernels(monkeypatch, capsys):
+    """bench/ce_tune.py (what a GPU session runs to compare the staged and two-sweep kernels): both
+    variants, with and without dlogits, outputs compared bit for bit, GPT2K_CE_STAGE restored after. On
+    the CPU the C++ op runs (the variable is moot there) with a stand-in timer."""
+    from bench import ce_tune
+
+    monkeypatch.setattr(ce_tune, "V", 100)
+    monkeypatch.setattr(ce_tune, "VP", 104)
+    monkeypatch.setenv("GPT2K_CE_STAGE", "x")
+    calls = []
+    rows = ce_tune.measure(7, torch.float32, 1.0, lambda r: None, device="cpu",
+                           timer=lambda c: calls.append(len(c)) or 2.0)
+    assert [(r["variant"], r["dlogits"]) for r in rows] == [
+        ("staged", True), ("staged", False), ("two sweeps", True), ("two sweeps", False)]
+    assert calls == [ce_tune.SETS] * 4 and all(r["bitwise_equal"] for r in rows)
+    assert rows[0]["gbps"] == pytest.approx((7 * 104 * 4 * 2 + 7 * 8) / 2e6)
+    assert os.environ["GPT2K_CE_STAGE"] == "x"
+    with pytest.raises(SystemExit):
+        ce_tune.main(["--dtypes", "int8"])
+    assert "--dtypes" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert ce_tune.main([]) == 2
+
+
+def _row_kernels(fn):
+    """Names of the ce_row_kernel instantiations that fn() launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if "ce_row_kernel" in e.name}
+
+
+def _stages(vocab_size, dtype):
+    """Whether the staged kernel should run: two staged rows (plus 2 KB each) fit in one SM."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", None)
+    per_block = getattr(props, "shared_memory_per_block_optin", None)
+    if per_sm is None or per_block is None:
+        pytest.skip("this torch does not report the device's shared memory sizes")
+    e = 16 // dtype.itemsize
+    return -(-vocab_size // e) * 16 <= min(per_sm // 2, per_block) - 2048
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,n,v,vp", [(torch.bfloat16, 1000, 50257, 50304), (torch.float16, 300, 50257, 50304),
+                                          (torch.float32, 257, 4099, 4104), (torch.bfloat16, 5, 10, 16)])
+def test_cuda_staged_row_matches_two_sweeps_bitwise(dtype, n, v, vp, monkeypatch):
+    """The staged row (sweep 2 reads shared memory) and the two-sweep kernel (GPT2K_CE_STAGE=0) give
+    the same bits, for the loss and dlogits and for the in-place fused_ce_; the staged one really runs
+    where two rows fit an SM's shared memory (an H100 at GPT-2's vocab in bf16)."""
+    logits, targets = make(n, v, vp, dtype, device="cuda", ignore_frac=0.05)
+    logits[min(3, n - 1), : v // 2] = float("-inf")
+    out = {}
+    for stage in ("0", "1"):  # the default ("1") last: check() below runs it
+        monkeypatch.setenv("GPT2K_CE_STAGE", stage)
+        res = {}
+        names = _row_kernels(lambda: res.update(ce=loss_and_grad(C.cross_entropy, logits, targets, -1, v, 0.5)))
+        buf = logits.clone()
+        res["fused"] = (C.fused_ce_(buf, targets, -1, v), buf)
+        out[stage] = res
+        staged = any(", true>" in name for name in names)
+        assert staged == (stage == "1" and _stages(v, dtype)), (stage, names)
+    for key in ("ce", "fused"):
+        for a, b in zip(out["1"][key], out["0"][key]):
+            assert torch.equal(a, b), f"{key}: the staged and two-sweep kernels differ"
+    check(logits, targets, -1, v)  # and both are right (the default path; the other has its bits)
 
 
 @requires_cuda

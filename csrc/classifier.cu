@@ -12,9 +12,10 @@
 //   - two sweeps (otherwise, or GPT2K_CE_STAGE=0): sweep 2 re-reads the row from global memory.
 //     Measured on an H100 (bench/NOTES.md): 1.68 ms for the 16384 x 50304 bf16 forward, i.e. the
 //     re-read came from DRAM, not L2 (264 rows of 100 KB in flight plus the stores overflow it).
-//   Both read the same values and compute the same way: same bits. scale = 1/count (count = non-ignored rows, computed on the device by a one-block kernel
-// first), so backward is only `scale_grad_` by grad_output, a kernel that returns at once when
-// grad_output == 1 (the usual loss.backward()): no host sync, no extra pass.
+//   Both read the same values and compute the same way: same bits.
+// scale = 1/count (count = non-ignored rows, computed on the device by a one-block kernel first), so
+// backward is only `scale_grad_` by grad_output, a kernel that returns at once when grad_output == 1
+// (the usual loss.backward()): no host sync, no extra pass.
 // Floor (forward + backward): read the logits once + write dlogits once = N * Vp * 2 bytes each for
 // bf16: 1.65 GB + 1.65 GB at N = 16384, Vp = 50304, about 1.0 ms at 3.3 TB/s (H100 SXM).
 //

@@ -79,7 +79,17 @@ class GPTConfig:
         return asdict(self)
 
 
+def matmul_dtype(x):
+    """The dtype a matmul on x computes in: autocast's when it is on for x's device, else None (x's own)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class LayerNorm(nn.Module):
+    """Every LayerNorm output here feeds a matmul (c_attn, c_fc, lm_head), so it is written in the dtype
+    that matmul computes in: under bf16 autocast the fp32 residual stream goes in and bf16 comes out, with
+    no separate cast kernel (and none for the gradient on the way back)."""
+
     def __init__(self, ndim, eps, ops):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(ndim))
@@ -88,11 +98,11 @@ class LayerNorm(nn.Module):
         self.ops = ops
 
     def forward(self, x):
-        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=matmul_dtype(x))
 
     def add_forward(self, x, residual):
         """(x + residual, this LayerNorm of it): the residual add fused into the LayerNorm's kernel."""
-        return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+        return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype=matmul_dtype(x))
 
 
 class CausalSelfAttention(nn.Module):

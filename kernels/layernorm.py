@@ -3,7 +3,9 @@ and the residual add fused in front of it: gpt2k::add_layer_norm_fwd (the model'
 
 What is fused
   forward   one pass over a tile of rows: fp32 mean and variance, y = (x - mean) * rstd * w + b stored in
-            x's dtype, and the fp32 row statistics (mean, rstd) saved for the backward.
+            x's dtype (or out_dtype: the model asks for the autocast dtype, which the next matmul would
+            cast y to anyway: no cast kernel forward, none backward, and half the bytes of y and dy for an
+            fp32 stream under bf16 autocast), and the fp32 row statistics (mean, rstd) for the backward.
   backward  one pass over the same tiles: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w,
             while each program sums dy * xhat and dy over its rows in fp32 registers and writes them as one
             row of a (programs, C) fp32 buffer; a torch .sum(0) over that small buffer gives dw and db.
@@ -20,9 +22,10 @@ Floor (N rows of C; s = bytes per element of x, sw of w and b)
   forward   read x, w, b; write y, mean, rstd      2*N*C*s + 2*C*sw + 8*N
   backward  read dy, x, w, mean, rstd; write dx, dw, db   3*N*C*s + 8*N + 3*C*sw
   At 16384 x 768 bf16: fwd 50.4 MB, bwd 75.6 MB.
-  add_layer_norm: forward + N*C*(s_r + s) (read r, write s), backward + N*C*s (read ds); at 16384 x 768
-  with fp32 x, s, y and bf16 r: fwd 176 MB, bwd 201 MB (+ 25 MB for r's bf16 gradient, cast by a torch op;
-  bench/specs.py counts it: 227 MB).
+  add_layer_norm: forward + N*C*(s_r + s) (read r, write s), backward + N*C*s (read ds). As the model runs
+  it under bf16 autocast at 16384 x 768 (fp32 x, s; bf16 r and y = out_dtype, so bf16 dy): fwd 151 MB, bwd
+  176 MB + 25 MB for r's bf16 gradient (cast by a torch op; bench/specs.py counts it: 201 MB). With y in
+  fp32 (no out_dtype) it would be 176 and 227 MB.
 Total / floor: every forward program re-reads w and b (4 rows per program at C = 768: total/floor ~1.5
 counting every load, but they hit L1/L2 and DRAM sees them about once). mean and rstd are 8 bytes per row
 (0.5% of the floor at C = 768). The backward reads w once per program, and writes and re-reads the (P, C)
@@ -53,10 +56,10 @@ MAX_C = 16384  # whole rows live in registers; wider rows would need a looped ke
 def _layer_norm_fwd_kernel(
     x_ptr,  # (N, C) input, row stride stride_x, unit column stride
     r_ptr,  # (N, C) residual added to x first (HAS_RESIDUAL), row stride stride_r
-    s_ptr,  # (N, C) x + residual, contiguous, written when HAS_RESIDUAL; y and s share a dtype
+    s_ptr,  # (N, C) x + residual, contiguous, written when HAS_RESIDUAL
     w_ptr,  # (C,) weight, any float dtype
     b_ptr,  # (C,) bias, any float dtype
-    y_ptr,  # (N, C) output, contiguous, x's dtype
+    y_ptr,  # (N, C) output, contiguous, x's dtype (s's with a residual) or out_dtype
     mean_ptr,  # (N,) fp32
     rstd_ptr,  # (N,) fp32, 1 / sqrt(var + eps)
     stride_x,
@@ -184,10 +187,13 @@ def _check_device(*tensors):
                      "or CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter)")
 
 
-def _check(x, weight, bias):
+def _check(x, weight, bias, out_dtype=None):
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t.dtype not in DTYPES:
             raise TypeError(f"layer_norm (triton): {name} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+    if out_dtype is not None and out_dtype not in DTYPES:
+        raise TypeError(f"layer_norm (triton): out_dtype {out_dtype} not supported; supported: None (x's dtype), "
+                        "float32, bfloat16, float16")
     if x.dim() == 0:
         raise ValueError("layer_norm (triton): x must have at least one dimension (normalized over the last)")
     C = x.shape[-1]
@@ -198,8 +204,8 @@ def _check(x, weight, bias):
             raise ValueError(f"layer_norm (triton): {name} has shape {tuple(t.shape)}, expected ({C},) to match x's last dim")
 
 
-def _check_add(x, residual, weight, bias):
-    _check(x, weight, bias)
+def _check_add(x, residual, weight, bias, out_dtype=None):
+    _check(x, weight, bias, out_dtype)
     if residual.dtype not in DTYPES:
         raise TypeError(f"add_layer_norm (triton): residual has dtype {residual.dtype}; supported: float32, bfloat16, float16")
     if residual.shape != x.shape:
@@ -231,13 +237,13 @@ def _rows(t):
 
 # ---- torch ops -----------------------------------------------------------------------------------
 
-def _forward(x, residual, weight, bias, eps):
+def _forward(x, residual, weight, bias, eps, out_dtype):
     """The forward launch: (s or None, y, mean, rstd); s = x + residual when residual is given."""
-    src = x if residual is None else residual  # (s's dtype: x + residual's, as PyTorch promotes)
-    out_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    src = x if residual is None else residual
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)  # as PyTorch's add
     C = x.shape[-1]
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    s = None if residual is None else torch.empty_like(y)
+    y = torch.empty(x.shape, dtype=out_dtype or s_dtype, device=x.device)
+    s = None if residual is None else torch.empty(x.shape, dtype=s_dtype, device=x.device)
     mean = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
     x2, r2 = _rows(x), _rows(src)
@@ -252,37 +258,39 @@ def _forward(x, residual, weight, bias, eps):
 
 
 @torch.library.custom_op("gpt2k::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (y in x's dtype, contiguous; mean (x.shape[:-1]) fp32; rstd fp32)."""
-    _check(x, weight, bias)
+def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                   out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (y in out_dtype or x's dtype, contiguous; mean (x.shape[:-1]) fp32; rstd fp32)."""
+    _check(x, weight, bias, out_dtype)
     _check_device(x, weight, bias)
-    return _forward(x, None, weight, bias, eps)[1:]
+    return _forward(x, None, weight, bias, eps, out_dtype)[1:]
 
 
 @layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
-    _check(x, weight, bias)
+def _(x, weight, bias, eps, out_dtype=None):
+    _check(x, weight, bias, out_dtype)
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape), mean, torch.empty_like(mean)
+    return x.new_empty(x.shape, dtype=out_dtype or x.dtype), mean, torch.empty_like(mean)
 
 
 @torch.library.custom_op("gpt2k::add_layer_norm_fwd", mutates_args=())
-def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                       out_dtype: Optional[torch.dtype] = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (s = x + residual, y = layer_norm(s), both contiguous in s's dtype (PyTorch's promotion of the
-    two); mean fp32; rstd fp32)."""
-    _check_add(x, residual, weight, bias)
+    """-> (s = x + residual in PyTorch's promotion of the two dtypes, y = layer_norm(s) in out_dtype or s's
+    dtype, both contiguous; mean fp32; rstd fp32)."""
+    _check_add(x, residual, weight, bias, out_dtype)
     _check_device(x, residual, weight, bias)
-    return _forward(x, residual, weight, bias, eps)
+    return _forward(x, residual, weight, bias, eps, out_dtype)
 
 
 @add_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps):
-    _check_add(x, residual, weight, bias)
+def _(x, residual, weight, bias, eps, out_dtype=None):
+    _check_add(x, residual, weight, bias, out_dtype)
     dtype = torch.promote_types(x.dtype, residual.dtype)
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
-    return x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=dtype), mean, torch.empty_like(mean)
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=out_dtype or dtype), mean,
+            torch.empty_like(mean))
 
 
 @torch.library.custom_op("gpt2k::layer_norm_bwd", mutates_args=())
@@ -322,7 +330,7 @@ def _(dy, x, weight, mean, rstd, ds=None):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, eps = inputs
+    x, weight, bias, eps, out_dtype = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.bias_dtype = bias.dtype
@@ -332,8 +340,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd, bwd=layer_norm_bwd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = bwd(dy, x, weight, mean, rstd)
-    return dx, dw.to(weight.dtype), db.to(ctx.bias_dtype), None
+    dx, dw, db = bwd(dy, x, weight, mean, rstd)  # dy in y's dtype: the kernel reads any
+    return dx, dw.to(weight.dtype), db.to(ctx.bias_dtype), None, None
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -342,7 +350,7 @@ _EagerLayerNorm = eager_function(  # kernels/_eager.py: the same, without the di
 
 
 def _add_setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps = inputs
+    x, residual, weight, bias, eps, out_dtype = inputs
     s, _, mean, rstd = output
     ctx.save_for_backward(s, weight, mean, rstd)
     ctx.dtypes = (x.dtype, residual.dtype, bias.dtype)
@@ -357,7 +365,7 @@ def _add_backward(ctx, ds, dy, _dmean, _drstd, bwd=layer_norm_bwd):
         dy = torch.zeros_like(s)
     dsum, dw, db = bwd(dy, s, weight, mean, rstd, ds)
     x_dtype, r_dtype, b_dtype = ctx.dtypes
-    return dsum.to(x_dtype), dsum.to(r_dtype), dw.to(weight.dtype), db.to(b_dtype), None
+    return dsum.to(x_dtype), dsum.to(r_dtype), dw.to(weight.dtype), db.to(b_dtype), None, None
 
 
 add_layer_norm_fwd.register_autograd(_add_backward, setup_context=_add_setup_context)
@@ -375,22 +383,22 @@ def _affine(x, weight, bias):
     return weight, bias
 
 
-def layer_norm(x, weight, bias, eps=1e-5):
+def layer_norm(x, weight, bias, eps=1e-5, out_dtype=None):
     """Same as kernels.reference.layer_norm: normalize over the last dim, fp32 statistics, output in
-    x's dtype. weight/bias of None mean 1 and 0 (no affine gradient)."""
+    out_dtype (default x's dtype). weight/bias of None mean 1 and 0 (no affine gradient)."""
     weight, bias = _affine(x, weight, bias)
     if fast_path():
-        return _EagerLayerNorm.apply(x, weight, bias, float(eps))[0]
-    return layer_norm_fwd(x, weight, bias, float(eps))[0]
+        return _EagerLayerNorm.apply(x, weight, bias, float(eps), out_dtype)[0]
+    return layer_norm_fwd(x, weight, bias, float(eps), out_dtype)[0]
 
 
-def add_layer_norm(x, residual, weight, bias, eps=1e-5):
+def add_layer_norm(x, residual, weight, bias, eps=1e-5, out_dtype=None):
     """Same as kernels.reference.add_layer_norm: (s, layer_norm(s)) with s = x + residual, one kernel
-    forward and one backward (where s's gradient and the LayerNorm's are summed)."""
+    forward and one backward (where s's gradient and the LayerNorm's are summed); y in out_dtype."""
     weight, bias = _affine(x, weight, bias)
     if fast_path():
-        return tuple(_EagerAddLayerNorm.apply(x, residual, weight, bias, float(eps))[:2])
-    return tuple(add_layer_norm_fwd(x, residual, weight, bias, float(eps))[:2])
+        return tuple(_EagerAddLayerNorm.apply(x, residual, weight, bias, float(eps), out_dtype)[:2])
+    return tuple(add_layer_norm_fwd(x, residual, weight, bias, float(eps), out_dtype)[:2])
 
 
 # ---- ahead-of-time compile specs (GPT-2 shapes) --------------------------------------------------

@@ -27,18 +27,20 @@ import torch
 import torch.nn.functional as F
 
 
-def layer_norm(x, weight, bias, eps=1e-5):
+def layer_norm(x, weight, bias, eps=1e-5, out_dtype=None):
     # F.layer_norm wants one dtype; cast the (possibly fp32) affine params to x's dtype so the
-    # output takes the input's dtype, as every backend does.
+    # output takes the input's dtype, as every backend does. out_dtype: the output's dtype instead
+    # (the model passes the autocast dtype, which the next matmul casts the output to anyway).
     w = weight.to(x.dtype) if weight is not None else None
     b = bias.to(x.dtype) if bias is not None else None
-    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+    y = F.layer_norm(x, (x.shape[-1],), w, b, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
-def add_layer_norm(x, residual, weight, bias, eps=1e-5):
+def add_layer_norm(x, residual, weight, bias, eps=1e-5, out_dtype=None):
     """(s, layer_norm(s)) with s = x + residual: a pre-LN block's residual add and the LayerNorm after it."""
     s = x + residual
-    return s, layer_norm(s, weight, bias, eps)
+    return s, layer_norm(s, weight, bias, eps, out_dtype)
 
 
 def gelu(x):

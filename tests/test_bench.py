@@ -488,5 +488,5 @@ def test_gpu_pipeline_times_a_two_output_op(fake_gpu, tmp_path, monkeypatch):
     assert len(rows) == 3 * 3
     assert all(r["status"] == "ok" and r["timing_basis"] == "graph" for r in rows.values()), \
         [(k, r.get("reason"), r.get("graph_reason")) for k, r in rows.items()]
-    fwd_bytes = 7 * 32 * (4 + 2 + 4 + 4) + 2 * 32 * 4  # x fp32, r bf16 -> s, y fp32; fp32 w, b
+    fwd_bytes = 7 * 32 * (4 + 2 + 4 + 2) + 2 * 32 * 4  # x fp32, r bf16 -> s fp32, y bf16 (out_dtype); fp32 w, b
     assert rows[("fwd", "triton")]["bytes"] == specs.ideal_bytes(specs.BENCHES[0], "fwd") == fwd_bytes

@@ -93,6 +93,25 @@ def test_mixed_dtype_fp32_weights(xdtype, device):
     check(*_inputs((2, 37, 768), xdtype, torch.float32, device=device))
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_out_dtype_fp32_stream(out_dtype, device):
+    """The model under autocast: fp32 x and parameters, y written in the next matmul's dtype (out_dtype)
+    and dy coming back in it; dx fp32. Baseline: the reference's fp32 y cast to out_dtype (what the
+    matmul's autocast cast does)."""
+    x, w, b = _inputs((2, 37, 768), torch.float32, device=device)
+    dy = torch.randn(x.shape, device=device).to(out_dtype)
+    out = _grads(lambda *a: ln.layer_norm(*a, out_dtype=out_dtype), x, w, b, dy)
+    base = _grads(lambda *a: ref.layer_norm(*a, out_dtype=out_dtype), x, w, b, dy)
+    if INTERPRET and out_dtype == torch.bfloat16:  # the interpreter truncates the bf16 store of y
+        base = (truncate_bf16(ref.layer_norm(x, w, b, EPS)),) + base[1:]
+    truth = _grads(_ln64, x.double(), w.double(), b.double(), dy.double())
+    assert out[0].dtype == out_dtype and out[1].dtype == torch.float32 and out[2].dtype == torch.float32
+    for name, o, bl, t in zip(("y", "dx", "dweight", "dbias"), out, base, truth):
+        assert_close(o, t, bl, atol=1e-6 * max(1.0, t.abs().max().item()), name=name)
+    with pytest.raises(TypeError, match=r"out_dtype torch.float64 not supported; supported: None \(x's dtype\)"):
+        ln.layer_norm(x, w, b, EPS, torch.float64)
+
+
 def test_non_contiguous(device):
     wide = torch.randn(6, 1100, device=device)
     x = wide[:, 50:1050]  # strided rows, unit column stride: read in place
@@ -187,6 +206,9 @@ def test_add_layer_norm_is_the_two_ops_and_deterministic(device):
     s, y = ln.add_layer_norm(x, r, w, b)
     assert torch.equal(s, x + r)
     assert torch.equal(y, ln.layer_norm(s, w, b))
+    s16, y16 = ln.add_layer_norm(x, r, w, b, EPS, torch.bfloat16)  # y in the matmul's dtype, s still fp32
+    assert s16.dtype == torch.float32 and torch.equal(s16, s)
+    assert y16.dtype == torch.bfloat16 and torch.equal(y16, ln.layer_norm(s, w, b, EPS, torch.bfloat16))
     ds, dy = torch.randn_like(s), torch.randn_like(s)
     first = _add_grads(ln.add_layer_norm, x, r, w, b, ds, dy)
     second = _add_grads(ln.add_layer_norm, x, r, w, b, ds, dy)
@@ -232,6 +254,7 @@ def test_add_layer_norm_opcheck_and_compile(rdtype, device):
     r = torch.randn(2, 3, 40, device=device).to(rdtype)
     args = [t.clone().requires_grad_() for t in (x, r, w, b)]
     torch.library.opcheck(torch.ops.gpt2k.add_layer_norm_fwd.default, (*args, EPS))
+    torch.library.opcheck(torch.ops.gpt2k.add_layer_norm_fwd.default, (*args, EPS, torch.bfloat16))
     s, y, mean, rstd = torch.ops.gpt2k.add_layer_norm_fwd(x, r, w, b, EPS)
     torch.library.opcheck(torch.ops.gpt2k.layer_norm_bwd.default, (torch.randn_like(y), s, w, mean, rstd, torch.randn_like(s)))
     ds, dy = torch.randn_like(s), torch.randn_like(s)
@@ -245,6 +268,7 @@ def test_opcheck(xdtype, wdtype, device):
     x, w, b = _inputs((2, 3, 40), xdtype, wdtype, device=device)
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
     torch.library.opcheck(torch.ops.gpt2k.layer_norm_fwd.default, (x, w, b, EPS))
+    torch.library.opcheck(torch.ops.gpt2k.layer_norm_fwd.default, (x, w, b, EPS, torch.float16))
     y, mean, rstd = torch.ops.gpt2k.layer_norm_fwd(x.detach(), w.detach(), b.detach(), EPS)
     torch.library.opcheck(torch.ops.gpt2k.layer_norm_bwd.default, (torch.randn_like(y), x.detach(), w.detach(), mean, rstd))
 

@@ -148,3 +148,41 @@ def test_triton_model_under_torch_compile_equals_eager(device):
     grads = dict(traced.named_parameters())
     for name, p in eager.named_parameters():
         assert torch.equal(p.grad, grads[name].grad), name
+
+
+@pytest.mark.parametrize("spec", ["torch", "torch,layer_norm=triton"])
+def test_layer_norms_write_the_autocast_dtype(spec, device, monkeypatch):
+    """Under bf16 autocast every LayerNorm writes its output in bf16, the dtype of the matmul it feeds (no
+    separate cast kernel); the residual stream stays fp32. Loss and gradients match the model with fp32
+    LayerNorm outputs, where the matmuls' autocast did the cast (bitwise for torch: the same rounding)."""
+    from gpt2 import model as M
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=64)
+    model = GPT(config, kernels=spec).to(device)
+    idx = torch.randint(0, 64, (2, 16), device=device)
+    outs = []  # (what, dtype) of every LayerNorm output, ln_2's (add_forward) included
+    for m in model.modules():
+        if isinstance(m, M.LayerNorm):
+            m.register_forward_hook(lambda m, i, o: outs.append(("ln", o.dtype)))
+    add = model.ops.add_layer_norm
+    monkeypatch.setattr(model.ops, "add_layer_norm", lambda *a, **k: (lambda r: outs.append(("s", r[0].dtype))
+                                                                      or outs.append(("add", r[1].dtype)) or r)(add(*a, **k)))
+    runs = []
+    for choice in (M.matmul_dtype, lambda x: None):  # the model's, then fp32 LayerNorm outputs
+        monkeypatch.setattr(M, "matmul_dtype", choice)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            _, loss = model(idx, idx)
+        loss.backward()
+        runs.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
+    bf16, fp32 = torch.bfloat16, torch.float32
+    model_run, fp32_run = outs[:len(outs) // 2], outs[len(outs) // 2:]
+    assert model_run == [("ln", bf16), ("s", fp32), ("add", bf16)] * 2 + [("ln", bf16)], model_run
+    assert fp32_run == [("ln", fp32), ("s", fp32), ("add", fp32)] * 2 + [("ln", fp32)], fp32_run
+    for a, b in zip(*runs):
+        assert torch.isfinite(a).all()
+        if spec == "torch":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)

@@ -85,7 +85,10 @@ def profile_fwd_bwd(N, dtype, device="cuda"):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         C.cross_entropy(logits, targets, -1, V).backward()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+    try:
+        return prof.key_averages().table(sort_by="self_device_time_total", row_limit=15)
+    except (KeyError, AttributeError, ValueError):  # an older torch's name for the column
+        return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
 
 
 def _fmt(r):

@@ -406,27 +406,31 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, out_dtype=None):
 def compile_specs():
     """The kernels as the JIT specializes them for GPT-2: (B*T, 768) rows, all pointers, strides, N and C
     divisible by 16; bf16 rows with bf16 or fp32 (autocast) weights, and fp32 rows with fp32 weights: under
-    bf16 autocast the residual stream, which is what the model's LayerNorms read, stays fp32. Plus
-    add_layer_norm as the model runs it under autocast: fp32 stream + bf16 branch output, fp32 s and y."""
+    bf16 autocast the residual stream, which is what the model's LayerNorms read, stays fp32, and the model
+    has y written in bf16 (out_dtype; dy comes back in bf16). Plus add_layer_norm as the model runs it under
+    autocast: fp32 stream + bf16 branch output, fp32 s, bf16 y."""
     block_r, block_c, num_warps = _tile(768, on_gpu=True)
     specs = []
-    # (label, x/y/s dtype, residual dtype or None, weight dtype)
-    cases = [("", "bf16", None, "bf16"), ("", "bf16", None, "fp32"), ("", "fp32", None, "fp32"),
-             ("add_", "fp32", "bf16", "fp32")]
-    for label, xt, rt, wt in cases:
+    # (label, x/s dtype, residual dtype or None, weight dtype, y/dy dtype)
+    cases = [("", "bf16", None, "bf16", "bf16"), ("", "bf16", None, "fp32", "bf16"), ("", "fp32", None, "fp32", "fp32"),
+             ("", "fp32", None, "fp32", "bf16"), ("add_", "fp32", "bf16", "fp32", "bf16")]
+    for label, xt, rt, wt, yt in cases:
         add = rt is not None
+        y_label = f" y={yt}" if yt != xt else ""
         specs.append(AotSpec(
-            name=f"{label}layer_norm_fwd x={xt}{f' r={rt}' if add else ''} w={wt} C=768", fn=_layer_norm_fwd_kernel,
+            name=f"{label}layer_norm_fwd x={xt}{f' r={rt}' if add else ''}{y_label} w={wt} C=768",
+            fn=_layer_norm_fwd_kernel,
             signature={"x_ptr": f"*{xt}", "r_ptr": f"*{rt or xt}", "s_ptr": f"*{xt}", "w_ptr": f"*{wt}",
-                       "b_ptr": f"*{wt}", "y_ptr": f"*{xt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                       "b_ptr": f"*{wt}", "y_ptr": f"*{yt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
                        "stride_x": "i32", "stride_r": "i32", "N": "i32", "C": "i32", "eps": "fp32",
                        "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "HAS_RESIDUAL": "constexpr"},
             constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, "HAS_RESIDUAL": add}, num_warps=num_warps,
             aligned=("x_ptr", "r_ptr", "s_ptr", "w_ptr", "b_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "stride_x",
                      "stride_r", "N", "C")))
         specs.append(AotSpec(
-            name=f"{label}layer_norm_bwd x={xt} w={wt}{' +ds' if add else ''} C=768", fn=_layer_norm_bwd_kernel,
-            signature={"dy_ptr": f"*{xt}", "x_ptr": f"*{xt}", "w_ptr": f"*{wt}", "mean_ptr": "*fp32",
+            name=f"{label}layer_norm_bwd x={xt}{y_label.replace('y=', 'dy=')} w={wt}{' +ds' if add else ''} C=768",
+            fn=_layer_norm_bwd_kernel,
+            signature={"dy_ptr": f"*{yt}", "x_ptr": f"*{xt}", "w_ptr": f"*{wt}", "mean_ptr": "*fp32",
                        "rstd_ptr": "*fp32", "dx_ptr": f"*{xt}", "ds_ptr": f"*{xt}", "dw_part_ptr": "*fp32",
                        "db_part_ptr": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_ds": "i32",
                        "N": "i32", "C": "i32", "tiles_per_program": "i32", "BLOCK_R": "constexpr",

@@ -9,7 +9,8 @@ floor (74 us for 75.6 MB). Its loop over row tiles is serial and unpipelined, at
 `tl.range(num_stages=)` software pipelining of the backward's tile loop (stages >= 2 compile to cp.async
 prefetches into shared memory with the registers unchanged; see the static report).
 Prediction: stages 2-3 bring the backward near the forward's bandwidth (~75% of copy), ~35 us.
-Also swept: fp32 rows (--fp32-rows; under bf16 autocast the residual stream is fp32) and add_layer_norm as
+Also swept: fp32 rows (--fp32-rows; under bf16 autocast the residual stream is fp32, and the model has y
+written in bf16: so does the sweep) and add_layer_norm as
 the model's ln_2 runs it (--add-rows: fp32 stream + bf16 residual; its backward with the residual gradient
 uses 148 registers on sm_90 at the default config).
 
@@ -47,8 +48,10 @@ def compile_specs(C=768):
         raise ValueError("compile_specs: the candidates are compiled at GPT-2's C = 768")
     specs = []
     for x in ("bf16", "fp32"):
+        # as the sweep runs them: bf16 rows -> bf16 y; fp32 rows -> bf16 y (the model's out_dtype)
+        model = (f"x={x} w=fp32",) if x == "bf16" else ("x=fp32 y=bf16 w=fp32", "x=fp32 dy=bf16 w=fp32")
         base = {s.name.split(" ")[0]: s for s in ln.compile_specs() if s.name.startswith("layer_norm")
-                and f"x={x} w=fp32" in s.name}
+                and any(m in s.name for m in model)}
         for br, w in FWD:
             s = base["layer_norm_fwd"]
             specs.append(AotSpec(f"ln_fwd x={x} C={C} R={br} w{w}", s.fn, s.signature,
@@ -90,7 +93,8 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
     """Rows of timings for every config. `timer(calls) -> ms` defaults to CUDA-graph replay; the tests run
     the same sweep on CPU tensors in Triton's interpreter with a stand-in timer (checks only).
     add=True sweeps add_layer_norm as the model runs it: fp32 rows x (dtype ignored) + a bf16 residual,
-    forward storing s = x + r, backward adding the residual gradient ds."""
+    forward storing s = x + r, backward adding the residual gradient ds. fp32 rows (and add) write y and
+    read dy in bf16, as the model under bf16 autocast does (out_dtype)."""
     import torch
 
     from kernels import layernorm as ln
@@ -101,8 +105,9 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         dtype = torch.float32
     elif dtype is None:  # bf16 on a GPU; fp32 in the interpreter, which casts to bf16 by truncation
         dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    s = torch.finfo(dtype).bits // 8
-    dtype_name = str(dtype).split(".")[-1] + ("+bf16 residual" if add else "")
+    y_dtype = torch.bfloat16 if dtype == torch.float32 else dtype  # the model's out_dtype under autocast
+    s, sy = torch.finfo(dtype).bits // 8, torch.finfo(y_dtype).bits // 8
+    dtype_name = str(dtype).split(".")[-1] + ("+bf16 residual" if add else "") + (" bf16 y" if sy != s else "")
     timer = timer or (lambda calls: graph_ms(calls, torch))
 
     def randn(dt=dtype):
@@ -111,7 +116,7 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
     sets = []  # x, r, w, b, dy, ds (r and ds only with add)
     for i in range(SETS):
         w, b = 1 + 0.1 * torch.randn(C, device=dev), 0.1 * torch.randn(C, device=dev)
-        sets.append((randn(), randn(torch.bfloat16) if add else None, w, b, randn(), randn() if add else None))
+        sets.append((randn(), randn(torch.bfloat16) if add else None, w, b, randn(y_dtype), randn() if add else None))
     x, r, w, b, dy, ds = sets[0]
     # float64 truth and the default config's error, for the checks
     leaves = [t.double().requires_grad_() for t in (x, w, b)]
@@ -122,11 +127,11 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
     truth = {"y": y64.detach(), "dx": x64.grad, "dw": w64.grad, "db": b64.grad}
     if add:
         truth["s"] = s64.detach()
-        s_, y, mean, rstd = ln.add_layer_norm_fwd(x, r, w, b, 1e-5)
+        s_, y, mean, rstd = ln.add_layer_norm_fwd(x, r, w, b, 1e-5, y_dtype)
         dx, dw, db = ln.layer_norm_bwd(dy, s_, w, mean, rstd, ds)
         default = {"s": s_, "y": y, "dx": dx, "dw": dw, "db": db}
     else:
-        y, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-5)
+        y, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-5, y_dtype)
         dx, dw, db = ln.layer_norm_bwd(dy, x, w, mean, rstd)
         default = {"y": y, "dx": dx, "dw": dw, "db": db}
     default_err = {k: (v.double() - truth[k]).abs().max().item() for k, v in default.items()}
@@ -139,10 +144,10 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         bad = [k for k in err if not (err[k] <= 2 * default_err[k] + 1e-6)]  # NaN fails too
         return err, bad
 
-    fwd_bytes = 2 * N * C * s + 2 * C * sw + 8 * N + (N * C * (2 + s) if add else 0)  # + read r, write s
+    fwd_bytes = N * C * (s + sy) + 2 * C * sw + 8 * N + (N * C * (2 + s) if add else 0)  # + read r, write s
     for br, warps in fwd_cfgs:
-        outs = [(torch.empty_like(x), torch.empty_like(x), torch.empty(N, device=dev), torch.empty(N, device=dev))
-                for _ in sets]
+        outs = [(torch.empty_like(x), torch.empty_like(x, dtype=y_dtype), torch.empty(N, device=dev),
+                 torch.empty(N, device=dev)) for _ in sets]
 
         def launch_fwd(i, br=br, warps=warps):
             xi, ri, wi, bi, _, _ = sets[i]
@@ -162,11 +167,11 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         rows.append(row)
         say(row)
 
-    bwd_bytes = 3 * N * C * s + 8 * N + 3 * C * sw + (N * C * s if add else 0)  # + read ds
+    bwd_bytes = N * C * (2 * s + sy) + 8 * N + 3 * C * sw + (N * C * s if add else 0)  # + read ds
     stats = []  # per input set: (the LayerNorm's input: s or x, mean, rstd)
     for xi, ri, wi, bi, _, _ in sets:
         if add:
-            si, _, mi, rsi = ln.add_layer_norm_fwd(xi, ri, wi, bi, 1e-5)
+            si, _, mi, rsi = ln.add_layer_norm_fwd(xi, ri, wi, bi, 1e-5, y_dtype)
         else:
             si, (_, mi, rsi) = xi, ln.layer_norm_fwd(xi, wi, bi, 1e-5)
         stats.append((si, mi, rsi))

@@ -383,7 +383,8 @@ def test_tuner_candidates_are_correct(device):
         assert "error" not in r, r
         assert r["bad"] == [], r
         assert all(math.isfinite(e) for e in r["max_err"].values()), r
-        # the sweep checks candidates against the default config; this checks the default against float64
-        assert all(e < 1e-3 for e in r["max_err"].values()), r  # fp32 rows here: errors ~1e-6
+        # the sweep checks candidates against the default config; this checks the default against float64:
+        # fp32 rows here, errors ~1e-6, except y, written in bf16 as the model does (out_dtype)
+        assert all(e < (6e-2 if k == "y" else 1e-3) for k, e in r["max_err"].items()), r
     compiled = {s.name for s in ln_tune.compile_specs()}
     assert len(compiled) == 2 * (len(ln_tune.FWD) + len({c[:3] for c in ln_tune.BWD}))

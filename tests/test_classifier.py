@@ -466,7 +466,10 @@ def test_cuda_staged_row_matches_two_sweeps_bitwise(dtype, n, v, vp, monkeypatch
     the same bits, for the loss and dlogits and for the in-place fused_ce_; the staged one really runs
     where two rows fit an SM's shared memory (an H100 at GPT-2's vocab in bf16)."""
     logits, targets = make(n, v, vp, dtype, device="cuda", ignore_frac=0.05)
-    logits[min(3, n - 1), : v // 2] = float("-inf")
+    row = min(3, n - 1)  # half of one row's real logits -inf, not its target's (that loss would be inf)
+    minus_inf = torch.arange(vp, device="cuda") < v // 2
+    minus_inf[targets[row].clamp(min=0)] = False
+    logits[row, minus_inf] = float("-inf")
     out = {}
     for stage in ("0", "1"):  # the default ("1") last: check() below runs it
         monkeypatch.setenv("GPT2K_CE_STAGE", stage)

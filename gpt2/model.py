@@ -88,7 +88,7 @@ def matmul_dtype(x):
 class LayerNorm(nn.Module):
     """Every LayerNorm output here feeds a matmul (c_attn, c_fc, lm_head), so it is written in the dtype
     that matmul computes in: under bf16 autocast the fp32 residual stream goes in and bf16 comes out, with
-    no separate cast kernel (and none for the gradient on the way back)."""
+    no separate cast kernel (and none for the gradient on the way back). keep_dtype: x's dtype instead."""
 
     def __init__(self, ndim, eps, ops):
         super().__init__()
@@ -97,8 +97,9 @@ class LayerNorm(nn.Module):
         self.eps = eps
         self.ops = ops
 
-    def forward(self, x):
-        return self.ops.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=matmul_dtype(x))
+    def forward(self, x, keep_dtype=False):
+        out_dtype = None if keep_dtype else matmul_dtype(x)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)
 
     def add_forward(self, x, residual):
         """(x + residual, this LayerNorm of it): the residual add fused into the LayerNorm's kernel."""
@@ -274,9 +275,12 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
-        x = self.transformer.ln_f(x)
+        fused_loss = targets is not None and self.ops.fused_classifier
+        # linear_cross_entropy scales its hidden gradient after its matmul: in x's dtype (fp32) that adds no
+        # rounding, in bf16 it would; so ln_f's output stays fp32 for it (it casts the chunks it multiplies)
+        x = self.transformer.ln_f(x, keep_dtype=fused_loss)
         V = self.config.vocab_size
-        if targets is not None and self.ops.fused_classifier:
+        if fused_loss:
             loss = self.ops.linear_cross_entropy(
                 x.view(B * T, -1), self.lm_head.weight, targets.reshape(B * T), ignore_index, V)
             return None, loss

@@ -150,11 +150,14 @@ def test_triton_model_under_torch_compile_equals_eager(device):
         assert torch.equal(p.grad, grads[name].grad), name
 
 
-@pytest.mark.parametrize("spec", ["torch", "torch,layer_norm=triton"])
+@pytest.mark.parametrize("spec", ["torch", "torch,layer_norm=triton", "torch,linear_cross_entropy=torch",
+                                  "torch,layer_norm=triton,linear_cross_entropy=triton"])
 def test_layer_norms_write_the_autocast_dtype(spec, device, monkeypatch):
     """Under bf16 autocast every LayerNorm writes its output in bf16, the dtype of the matmul it feeds (no
-    separate cast kernel); the residual stream stays fp32. Loss and gradients match the model with fp32
-    LayerNorm outputs, where the matmuls' autocast did the cast (bitwise for torch: the same rounding)."""
+    separate cast kernel); the residual stream stays fp32. Except ln_f before linear_cross_entropy, which
+    scales its hidden gradient after its matmul: fp32 there, or that gradient would be rounded twice. Loss
+    and gradients match the model with fp32 LayerNorm outputs, where the matmuls' autocast did the cast
+    (bitwise with torch's LayerNorm: the same rounding)."""
     from gpt2 import model as M
 
     torch.manual_seed(0)
@@ -178,11 +181,14 @@ def test_layer_norms_write_the_autocast_dtype(spec, device, monkeypatch):
         runs.append([loss.detach()] + [p.grad.clone() for p in model.parameters()])
     bf16, fp32 = torch.bfloat16, torch.float32
     model_run, fp32_run = outs[:len(outs) // 2], outs[len(outs) // 2:]
-    assert model_run == [("ln", bf16), ("s", fp32), ("add", bf16)] * 2 + [("ln", bf16)], model_run
+    ln_f = fp32 if "linear_cross_entropy" in spec else bf16
+    assert model_run == [("ln", bf16), ("s", fp32), ("add", bf16)] * 2 + [("ln", ln_f)], model_run
     assert fp32_run == [("ln", fp32), ("s", fp32), ("add", fp32)] * 2 + [("ln", fp32)], fp32_run
     for a, b in zip(*runs):
         assert torch.isfinite(a).all()
-        if spec == "torch":
+        if "layer_norm=triton" not in spec:
             assert torch.equal(a, b)
-        else:
+        elif device == "cuda":  # the kernel's bf16 store rounds to nearest, as the cast does
             torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+        else:  # the interpreter truncates bf16 stores (biased): close relative to each tensor's scale
+            assert (a - b).abs().max() <= 2e-2 * b.abs().max() + 1e-6

@@ -357,9 +357,13 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 constexpr int kMaxDevices = 64;
 
-// The most dynamic shared memory a staged row may take on `device` so that two blocks still fit on
-// one SM (the kernel's __launch_bounds__ minimum): half the SM's shared memory, less the 1 KB the
-// hardware reserves per block and the kernel's static shared memory. Queried once per device.
+// The most dynamic shared memory a staged row of ce_row_kernel<T, E, true> may take on `device` (the
+// current one) so that two blocks still fit on one SM (the kernel's __launch_bounds__ minimum): half the
+// SM's shared memory less the 1 KB the hardware reserves per block, and at most the per-block opt-in
+// limit; less the kernel's static shared memory. Computed once per device, which is also when the
+// kernel is allowed that much dynamic shared memory (needed above 48 KB) and asked for the largest
+// shared-memory carveout (a hint the driver otherwise sizes per launch).
+template <typename T, int E>
 int64_t stage_limit(int device) {
   static std::once_flag once[kMaxDevices];
   static int64_t limit[kMaxDevices];
@@ -368,23 +372,23 @@ int64_t stage_limit(int device) {
     int per_sm = 0, per_block = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    constexpr int kReservedAndStatic = 1024 + 1024;  // per block: the hardware's 1 KB, our ~0.5 KB static
-    limit[device] = std::max<int64_t>(0, std::min(per_sm / 2, per_block) - kReservedAndStatic);
+    cudaFuncAttributes attr;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, ce_row_kernel<T, E, true>));
+    constexpr int64_t kReserved = 1024;  // per block, by the hardware (sm_80 and later)
+    const int64_t bytes = std::min<int64_t>(per_sm / 2 - kReserved, per_block) - int64_t(attr.sharedSizeBytes);
+    if (bytes > 0) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(ce_row_kernel<T, E, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(bytes)));
+      C10_CUDA_CHECK(cudaFuncSetAttribute(ce_row_kernel<T, E, true>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                          cudaSharedmemCarveoutMaxShared));
+    }
+    limit[device] = std::max<int64_t>(0, bytes);
   });
   return limit[device];
 }
 
-// Dynamic shared memory above 48 KB must be allowed per kernel, once per device.
-template <typename T, int E>
-void allow_stage(int device, int64_t bytes) {
-  static std::once_flag once[kMaxDevices];
-  std::call_once(once[device], [device, bytes] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(ce_row_kernel<T, E, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  });
-}
-
-// GPT2K_CE_STAGE=0 turns the staged row off (bench/ce_tune.py compares both); read at each call.
+// GPT2K_CE_STAGE=0 turns the staged row off (bench/ce_tune.py compares both; any other value, or none,
+// leaves it on); read at each call.
 bool stage_enabled() {
   const char* env = std::getenv("GPT2K_CE_STAGE");
   return env == nullptr || std::strcmp(env, "0") != 0;
@@ -405,8 +409,7 @@ void launch_rows(const at::Tensor& logits, T* grad, const at::Tensor& targets, c
                               ws.mutable_data_ptr<int>(), vp, vocab_size, ignore_index, scale_by_count);
   const int device = logits.get_device();
   const int64_t stage_bytes = (vocab_size + E - 1) / E * 16;  // the real columns' vectors
-  if (vec && grad != nullptr && stage_enabled() && stage_bytes <= stage_limit(device)) {
-    allow_stage<T, E>(device, stage_limit(device));
+  if (vec && grad != nullptr && stage_enabled() && stage_bytes <= stage_limit<T, E>(device)) {
     std::apply([&](auto... a) { ce_row_kernel<T, E, true><<<n, threads, stage_bytes, stream>>>(a...); }, args);
   } else if (vec) {
     std::apply([&](auto... a) { ce_row_kernel<T, E, false><<<n, threads, 0, stream>>>(a...); }, args);

@@ -395,8 +395,10 @@ def train(args):
     checks = kernels.set_loss_row_checks(False)
     try:
         log = _train(args, rank, world, device)
-        if world > 1:  # rank 0 may still be writing the last checkpoint: a rank that tears gloo down
-            torch.distributed.barrier()  # while its peer still uses the connection aborts the process
+        # Rank 0 may still be writing the last checkpoint: a rank that tears gloo down while its peer still
+        # uses the connection aborts. (If rank 0 fails instead, torchrun stops the ranks waiting here.)
+        if world > 1:
+            torch.distributed.barrier()
         return log
     finally:
         kernels.set_loss_row_checks(checks)

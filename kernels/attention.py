@@ -59,6 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import BackendUnavailable
 from kernels._eager import cdiv, eager_function, fast_path, impl, next_power_of_2
 from kernels._triton_utils import AotSpec
 
@@ -394,7 +395,32 @@ def _launch(autotuned, kind, grid_rows, bh, args, consts):
 
 # ---- checks ------------------------------------------------------------------------------------
 
-def _check(q, k, v):
+@triton.jit
+def _dot_probe(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
+    """Interpreter only (CPU): one (N x N) tl.dot, to see whether the interpreter computes it right."""
+    i = tl.arange(0, N)
+    idx = i[:, None] * N + i[None, :]
+    tl.store(c_ptr + idx, tl.dot(tl.load(a_ptr + idx), tl.load(b_ptr + idx)))
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_bf16_dot_error():
+    """Why bf16 attention cannot run in this Triton's interpreter, or None. Triton 3.8's interpreter returns
+    garbage for tl.dot on bf16 operands (fp16 and fp32 are right): rather than compute wrong attention
+    silently, probe it once against torch.matmul (not assumed from the version: a fixed Triton passes)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(16, 16, generator=g).to(torch.bfloat16) for _ in range(2))
+    c = torch.zeros(16, 16)
+    _dot_probe[(1,)](a, b, c, N=16)
+    want = a.float() @ b.float()
+    err = (c - want).abs().max().item()
+    if err <= 1e-2 * want.abs().max().item():
+        return None
+    return (f"Triton {triton.__version__}'s interpreter computes tl.dot on bfloat16 wrongly (a 16x16 probe is "
+            f"off by {err:.3g}); on the CPU use float16 or float32, or run on a CUDA GPU")
+
+
+def _check(q, k, v, probe=True):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention (triton): {name} must be a tensor, got {type(t).__name__}")
@@ -415,6 +441,8 @@ def _check(q, k, v):
     if dev.type not in ("cuda", "meta") and not (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         raise ValueError(f"attention (triton): tensors on {dev} are not supported; supported: CUDA tensors, "
                          "or CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter)")
+    if probe and dev.type == "cpu" and q.dtype == torch.bfloat16 and _interpreter_bf16_dot_error():
+        raise BackendUnavailable(f"attention (triton): {_interpreter_bf16_dot_error()}")
 
 
 def _unit_last(t):
@@ -459,7 +487,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[to
 
 @attention_fwd.register_fake
 def _(q, k, v):
-    _check(q, k, v)
+    _check(q, k, v, probe=False)  # fake tensors: the probe runs with the real call
     B, H, T, D = q.shape
     return _like(_unit_last(q)), q.new_empty((B, H, T), dtype=torch.float32)
 

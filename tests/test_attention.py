@@ -9,9 +9,11 @@ import math
 import pytest
 import torch
 
+import kernels
+from kernels import attention as A
 from kernels import reference
 from kernels.attention import attention, attention_bwd, attention_fwd
-from tests.conftest import HAS_CUDA, requires_cuda
+from tests.conftest import HAS_CUDA, INTERPRET, requires_cuda
 from tests.numerics import assert_close
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -252,3 +254,20 @@ def test_backward_rejects_a_wrong_lse(device):
     for bad in (lse[..., :-1], lse.double(), lse.unsqueeze(-1)):
         with pytest.raises(ValueError, match="lse"):
             attention_bwd(do, q, k, v, out, bad)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="about Triton's interpreter (CPU)")
+def test_bf16_in_the_interpreter_raises_instead_of_computing_garbage():
+    """Triton 3.8's interpreter computes tl.dot on bf16 wrongly: a probe (one 16x16 tl.dot against
+    torch.matmul) decides, and bf16 attention on the CPU then raises, naming what works, instead of
+    returning garbage. Where the probe passes (a fixed Triton), bf16 must be right."""
+    q, k, v = (torch.randn(1, 2, 16, 32).to(torch.bfloat16) for _ in range(3))
+    reason = A._interpreter_bf16_dot_error()
+    if reason is None:
+        check_against_float64(q, k, v, torch.randn(1, 2, 16, 32).to(torch.bfloat16))
+        return
+    assert "tl.dot on bfloat16" in reason and "float16 or float32" in reason
+    with pytest.raises(kernels.BackendUnavailable, match="interpreter computes tl.dot on bfloat16 wrongly"):
+        attention(q, k, v)
+    for dtype in (torch.float16, torch.float32):  # the probe does not block what works
+        attention(q.to(dtype), k.to(dtype), v.to(dtype))

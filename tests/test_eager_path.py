@@ -104,6 +104,8 @@ def test_backward_gets_no_zero_filled_gradients(make, fast, device, monkeypatch)
 
     monkeypatch.setattr(_eager, "ENABLED", fast)
     fn, inputs, _ = make(device)
+    warm = [t.clone().requires_grad_() for t in inputs]
+    fn(*warm).sum().backward()  # compiles (and on a GPU autotunes: do_bench zeroes a buffer) before profiling
     inputs = [t.clone().requires_grad_() for t in inputs]
     out = fn(*inputs)
     dy = torch.randn_like(out)

@@ -65,7 +65,8 @@ BENCHES = [
     # Under bf16 autocast the residual stream (the LayerNorm input) stays fp32.
     Bench("layer_norm", {"N": N, "C": C}, "float32", baselines=("eager", "compile")),
     # The model's ln_2 under bf16 autocast: fp32 residual stream x + the bf16 attention output (the dtype
-    # here), s and y in fp32; eager = the add and the LayerNorm as two PyTorch ops, compile fuses them.
+    # here), s in fp32, y in bf16 (out_dtype); eager = the add and the LayerNorm as two PyTorch ops, compile
+    # fuses them.
     Bench("add_layer_norm", {"N": N, "C": C}, "bfloat16", baselines=("eager", "compile", "triton_unfused"), quick=True),
     Bench("gelu", {"N": N, "C": 4 * C}, "bfloat16", baselines=("eager", "compile"), quick=True),
     Bench("attention", {"B": 16, "H": 12, "T": 1024, "D": 64}, baselines=ATTN, bound="compute", quick=True),

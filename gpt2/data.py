@@ -250,15 +250,28 @@ def _text_tokens(path, mtime):
         return tokenize_documents([f.read()])
 
 
-def text_sources(path, split, val_fraction=0.1):
-    """A .txt file as one document, tokenized on the fly: the last `val_fraction` of its tokens are val."""
-    tokens = _text_tokens(str(path), os.path.getmtime(path))
+def _train_val(tokens, val_fraction):
+    """(train, val): the last `val_fraction` of the tokens are val; each split must get at least one."""
     n_val = int(round(len(tokens) * val_fraction))
     if not 0 < n_val < len(tokens):
         raise ValueError(f"{len(tokens)} tokens with val_fraction {val_fraction} give {n_val} val and {len(tokens) - n_val} "
                          "train tokens: both splits need at least one token (more text, or another --val-fraction)")
-    part = tokens[len(tokens) - n_val:] if split == "val" else tokens[:len(tokens) - n_val]
-    return [Source.from_array(f"{path}[{split}]", part)]
+    return tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
+
+
+def _check_count(name, value, none_means=None):
+    """value must be an integer >= 1 (or None, when none_means says what None is): ValueError otherwise."""
+    if value is None and none_means is not None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        allowed = f"None ({none_means}) or an integer >= 1" if none_means is not None else "an integer >= 1"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def text_sources(path, split, val_fraction=0.1):
+    """A .txt file as one document, tokenized on the fly: the last `val_fraction` of its tokens are val."""
+    train, val = _train_val(_text_tokens(str(path), os.path.getmtime(path)), val_fraction)
+    return [Source.from_array(f"{path}[{split}]", val if split == "val" else train)]
 
 
 def resolve_sources(data, split):
@@ -325,10 +338,8 @@ class ShardWriter:
     """Accumulates token arrays and writes `<name>_<split>_<index>.bin` shards of `shard_tokens`."""
 
     def __init__(self, out, name, shard_tokens=SHARD_TOKENS, split_of=lambda index: "train", max_shards=None, progress=None):
-        if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, numbers.Integral) or shard_tokens < 1:
-            raise ValueError(f"shard_tokens must be an integer >= 1, got {shard_tokens!r}")
-        if max_shards is not None and (isinstance(max_shards, bool) or not isinstance(max_shards, numbers.Integral) or max_shards < 1):
-            raise ValueError(f"max_shards must be None (no limit) or an integer >= 1, got {max_shards!r}")
+        _check_count("shard_tokens", shard_tokens)
+        _check_count("max_shards", max_shards, none_means="no limit")
         self.out, self.name, self.shard_tokens, self.split_of, self.max_shards = Path(out), name, shard_tokens, split_of, max_shards
         self.out.mkdir(parents=True, exist_ok=True)
         self.buf = np.empty(shard_tokens, dtype=np.uint16)
@@ -364,19 +375,14 @@ def prepare_text(files, out, name="text", val_fraction=0.1, blank_lines=False, s
     splits must get at least one token (the trainer's --eval-every needs a val split)."""
     if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be > 0 and < 1 (the last fraction of the tokens is the val split), got {val_fraction!r}")
-    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, numbers.Integral) or shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be an integer >= 1, got {shard_tokens!r}")
+    _check_count("shard_tokens", shard_tokens)  # before the tokenizing, not at the first ShardWriter
     docs = []
     for path in files:
         with open(path, encoding="utf-8") as f:
             docs += split_documents(f.read(), blank_lines)
-    tokens = tokenize_documents(docs)
-    n_val = int(round(len(tokens) * val_fraction))
-    if not 0 < n_val < len(tokens):
-        raise ValueError(f"{len(tokens)} tokens with val_fraction {val_fraction} give {n_val} val and {len(tokens) - n_val} "
-                         "train tokens: both splits need at least one token (more text, or another --val-fraction)")
+    train, val = _train_val(tokenize_documents(docs), val_fraction)
     paths = []
-    for split, part in (("train", tokens[:len(tokens) - n_val]), ("val", tokens[len(tokens) - n_val:])):
+    for split, part in (("train", train), ("val", val)):
         w = ShardWriter(out, name, shard_tokens, split_of=lambda i, s=split: s)
         w.add(part)
         w.flush()
@@ -409,10 +415,8 @@ def prepare_documents(texts, out, name, shard_tokens=SHARD_TOKENS, max_shards=No
 
 
 def prepare_fineweb(out, shards=None, sample="10BT", shard_tokens=SHARD_TOKENS, workers=None):
-    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, numbers.Integral) or shards < 1):
-        raise ValueError(f"shards must be None (the whole sample) or an integer >= 1, got {shards!r}")
-    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, numbers.Integral) or shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be an integer >= 1, got {shard_tokens!r}")
+    _check_count("shards", shards, none_means="the whole sample")  # before the download starts
+    _check_count("shard_tokens", shard_tokens)
     try:
         from datasets import load_dataset
     except ImportError as e:
@@ -420,17 +424,6 @@ def prepare_fineweb(out, shards=None, sample="10BT", shard_tokens=SHARD_TOKENS, 
     ds = load_dataset("HuggingFaceFW/fineweb-edu", name=f"sample-{sample}", split="train", streaming=True)
     total = shards * shard_tokens if shards else None
     return prepare_documents((row["text"] for row in ds), out, "edufineweb", shard_tokens, shards, workers, total)
-
-
-def _at_least_one(text):
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _open_fraction(text):
@@ -445,11 +438,13 @@ def _open_fraction(text):
 
 
 def main(argv=None):
+    from gpt2.generate import int_at_least
+
     p = argparse.ArgumentParser(prog="python -m gpt2.data", description="Make GPT-2 token shards.")
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fineweb", help="FineWeb-Edu via `datasets`; shard 0 is val")
     f.add_argument("--out", required=True)
-    f.add_argument("--shards", type=_at_least_one, default=None, help="stop after N >= 1 shards (default: the whole sample)")
+    f.add_argument("--shards", type=int_at_least(1), default=None, help="stop after N >= 1 shards (default: the whole sample)")
     f.add_argument("--sample", default="10BT", help="FineWeb-Edu sample: 10BT, 100BT, 350BT")
     f.add_argument("--workers", type=int, default=None)
     t = sub.add_parser("text", help="local text files: one document per file (or --split-blank-lines)")
@@ -461,7 +456,7 @@ def main(argv=None):
     s = sub.add_parser("shakespeare", help="tiny Shakespeare (from $GPT2_DATA_CACHE or downloaded)")
     s.add_argument("--out", required=True)
     for q in (f, t, s):
-        q.add_argument("--shard-tokens", type=_at_least_one, default=SHARD_TOKENS, help="tokens per shard (>= 1)")
+        q.add_argument("--shard-tokens", type=int_at_least(1), default=SHARD_TOKENS, help="tokens per shard (>= 1)")
     args = p.parse_args(argv)
     if args.cmd == "fineweb":
         paths = prepare_fineweb(args.out, args.shards, args.sample, args.shard_tokens, args.workers)

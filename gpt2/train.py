@@ -293,6 +293,16 @@ def _versions():
     return torch.__version__, triton_version
 
 
+def forward_backward(model, x, y, autocast, accum, loss_sum):
+    """One training micro-step: forward under autocast, loss / accum added into loss_sum (in place),
+    backward accumulating into the parameters' .grad."""
+    with autocast:
+        _, loss = model(x, y)
+    loss = loss.float() / accum
+    loss_sum += loss.detach()
+    loss.backward()
+
+
 # ---- --cuda-graph: the training micro-step, captured once and replayed ------------------------------
 
 CUDA_GRAPH_WARMUP_STEPS = 1  # optimizer steps run eagerly before the capture (Triton compiles and autotunes there)
@@ -301,10 +311,10 @@ CUDA_GRAPH_WARMUP_STEPS = 1  # optimizer steps run eagerly before the capture (T
 class CUDAGraphMicroStep:
     """--cuda-graph: the loop's training micro-step, recorded once in a torch.cuda.CUDAGraph and replayed.
 
-    A micro-step is what the eager loop does per micro-batch: forward under autocast, loss / accum added
-    into the step's loss sum, backward accumulating into the parameters' .grad. A replay launches the same
-    kernels in the same order, with none of the Python and dispatch cost per op (at GPT-2 124M on an H100
-    our custom ops cost more host time than device time). What capture needs (PyTorch's "CUDA Graphs"
+    A micro-step is forward_backward, as the eager loop runs it per micro-batch: forward under autocast,
+    loss / accum added into the step's loss sum, backward accumulating into the parameters' .grad. A
+    replay launches the same kernels in the same order, with none of the Python and dispatch cost per op
+    (at GPT-2 124M on an H100 our custom ops cost more host time than device time). What capture needs (PyTorch's "CUDA Graphs"
     notes, whole-network capture):
       - fixed addresses. Each batch is copied into the same input tensors x, y; the loss is added into
         one loss_sum tensor; the .grad tensors exist before the capture and are zeroed in place (never set
@@ -370,11 +380,7 @@ class CUDAGraphMicroStep:
             self.graph.replay()  # on the current stream, after the input copies
 
     def _forward_backward(self):
-        with self.autocast:
-            _, loss = self.model(self.x, self.y)
-        loss = loss.float() / self.accum
-        self.loss_sum += loss.detach()
-        loss.backward()
+        forward_backward(self.model, self.x, self.y, self.autocast, self.accum, self.loss_sum)
 
     def _capture(self):
         grads = [p.grad for _, p in self.named]
@@ -454,8 +460,6 @@ def _train(args, rank, world, device):
         model = GPT(config, kernels=args.kernels)
     if args.seq_len is None:
         args.seq_len = min(64, config.block_size) if device.type == "cpu" else config.block_size
-    if args.seq_len < 1:
-        raise UsageError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.seq_len > config.block_size:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's block size {config.block_size}")
     B, T = args.batch_size, args.seq_len
@@ -540,12 +544,9 @@ def _train(args, rank, world, device):
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
                 x, y = _to_device(train_loader.next_batch(), device)
-                sync = micro == accum - 1
-                with (model.no_sync() if world > 1 and not sync else contextlib.nullcontext()), autocast:
-                    _, loss = model(x, y)
-                loss = loss.float() / accum
-                loss_sum += loss.detach()
-                loss.backward()
+                sync = micro == accum - 1  # DDP all-reduces the grads in the last micro-step's backward only
+                with model.no_sync() if world > 1 and not sync else contextlib.nullcontext():
+                    forward_backward(model, x, y, autocast, accum, loss_sum)
         if world > 1:
             torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
         norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))

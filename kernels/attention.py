@@ -60,7 +60,7 @@ import triton
 import triton.language as tl
 
 from kernels import BackendUnavailable
-from kernels._eager import cdiv, eager_function, fast_path, impl, next_power_of_2
+from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, impl, next_power_of_2
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -533,8 +533,7 @@ def _setup_context(ctx, inputs, output):
     q, k, v = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zero-filled (B, H, T) gradient for lse (a memset launch per call)
+    auxiliary_outputs(ctx, lse)
 
 
 def _backward(ctx, do, _dlse, bwd=attention_bwd):

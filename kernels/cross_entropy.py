@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._eager import cdiv, eager_function, fast_path, impl, next_power_of_2
+from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, impl, next_power_of_2
 from kernels.linear_cross_entropy import check_loss, chunked_linear_cross_entropy
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -211,8 +211,7 @@ def _(dlogits, grad_output):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])  # auxiliary, and its gradient stays None (not a logits-sized
-    ctx.set_materialize_grads(False)        # zero-filled tensor: kernels/classifier.py's _setup_context)
+    auxiliary_outputs(ctx, output[1])  # dlogits
     ctx.rows = inputs[0].shape[0]
 
 

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._eager import cdiv, eager_function, fast_path, impl, next_power_of_2
+from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, impl, next_power_of_2
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -334,8 +334,7 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.bias_dtype = bias.dtype
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients (two memset launches per call) for mean, rstd
+    auxiliary_outputs(ctx, mean, rstd)
 
 
 def _backward(ctx, dy, _dmean, _drstd, bwd=layer_norm_bwd):
@@ -354,8 +353,7 @@ def _add_setup_context(ctx, inputs, output):
     s, _, mean, rstd = output
     ctx.save_for_backward(s, weight, mean, rstd)
     ctx.dtypes = (x.dtype, residual.dtype, bias.dtype)
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)  # gradients of unused outputs stay None: see _add_backward
+    auxiliary_outputs(ctx, mean, rstd)  # and an unused s's or y's gradient is None: see _add_backward
 
 
 def _add_backward(ctx, ds, dy, _dmean, _drstd, bwd=layer_norm_bwd):

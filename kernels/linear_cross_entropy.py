@@ -32,6 +32,8 @@ Bench:  python bench/run.py linear_cross_entropy   (GPU: peak memory and time vs
 """
 import torch
 
+from kernels._eager import auxiliary_outputs
+
 CHUNK_BYTES = 256 * 2**20  # one chunk's logits at most (the default chunk_rows)
 
 
@@ -121,8 +123,7 @@ def _(hidden, weight, targets, ignore_index, vocab_size, backend, chunk_rows, co
 def _setup_context(ctx, inputs, output):
     targets, ignore_index = inputs[2], inputs[3]
     ctx.save_for_backward(output[1], output[2], targets)
-    ctx.mark_non_differentiable(output[1], output[2])  # auxiliary; their gradients stay None instead of
-    ctx.set_materialize_grads(False)                   # zero-filled tensors (kernels/classifier.py)
+    auxiliary_outputs(ctx, output[1], output[2])  # dh, dW
     ctx.ignore_index = ignore_index
 
 

@@ -89,6 +89,26 @@ def _check_backend(backend, spec):
         raise ValueError(f"kernel spec {spec!r}: unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
 
 
+def _version(text):
+    """'2.4.1' / '3.6.0+git..' -> (2, 4)."""
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2])
+
+
+def interpreter_incompatibility():
+    """Why Triton's interpreter cannot run our kernels with the installed packages, or None. Known case:
+    Triton before 3.7 converts a loop bound held in a 1-element NumPy array with int(), which NumPy 2.4
+    made an error, so every kernel with a `range(lo, hi)` loop fails inside the interpreter with
+    "only 0-dimensional arrays can be converted to Python scalars" (Triton 3.7 fixed it)."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s interpreter (TRITON_INTERPRET=1) fails with NumPy "
+                f"{numpy.__version__} (int() of a 1-element array, an error since NumPy 2.4); install "
+                "numpy<2.4, or a PyTorch whose Triton is 3.7 or newer")
+    return None
+
+
 def _triton_runtime_reason():
     try:
         import triton  # noqa: F401
@@ -96,7 +116,9 @@ def _triton_runtime_reason():
         return f"triton cannot be imported ({e}); install PyTorch with its bundled triton"
     import torch
 
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return interpreter_incompatibility()
+    if torch.cuda.is_available():
         return None
     return "no CUDA GPU is visible; set TRITON_INTERPRET=1 before starting Python to run Triton kernels on the CPU in Triton's interpreter (slow)"
 

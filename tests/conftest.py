@@ -30,6 +30,11 @@ import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:  # one clear message instead of hundreds of InterpreterErrors
+    from kernels import interpreter_incompatibility  # noqa: E402
+
+    if interpreter_incompatibility():
+        pytest.exit(f"cannot run the kernel tests on the CPU: {interpreter_incompatibility()}", returncode=2)
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 

@@ -56,6 +56,27 @@ def test_triton_without_gpu_or_interpreter_raises():
     assert "REFUSED" in out.stdout and "TRITON_INTERPRET=1" in out.stdout
 
 
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.6.0", "2.4.1", True), ("3.5.1", "2.4.0", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.1", False),
+    ("3.8.0+git1234", "2.10.0", False), ("3.6.0", "3.0.0", True),
+])
+def test_interpreter_numpy_incompatibility_is_named(monkeypatch, triton_version, numpy_version, refused):
+    # Triton < 3.7's interpreter int()s 1-element arrays, an error since NumPy 2.4: get_ops must refuse
+    # triton in interpreter mode with that reason instead of failing inside every kernel.
+    import numpy
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    reason = kernels.interpreter_incompatibility()
+    assert bool(reason) == refused
+    if refused:
+        assert f"NumPy {numpy_version}" in reason and "numpy<2.4" in reason
+        with pytest.raises(BackendUnavailable, match="fails with NumPy"):
+            get_ops("torch,gelu=triton")
+
+
 def test_available_table_covers_everything():
     table = kernels.available()
     assert set(table) == set(kernels.BACKENDS)

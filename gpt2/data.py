@@ -446,7 +446,7 @@ def main(argv=None):
     f.add_argument("--out", required=True)
     f.add_argument("--shards", type=int_at_least(1), default=None, help="stop after N >= 1 shards (default: the whole sample)")
     f.add_argument("--sample", default="10BT", help="FineWeb-Edu sample: 10BT, 100BT, 350BT")
-    f.add_argument("--workers", type=int, default=None)
+    f.add_argument("--workers", type=int_at_least(1), default=None, help="tokenizer processes (default: half the CPUs)")
     t = sub.add_parser("text", help="local text files: one document per file (or --split-blank-lines)")
     t.add_argument("files", nargs="+")
     t.add_argument("--out", required=True)
@@ -458,12 +458,16 @@ def main(argv=None):
     for q in (f, t, s):
         q.add_argument("--shard-tokens", type=int_at_least(1), default=SHARD_TOKENS, help="tokens per shard (>= 1)")
     args = p.parse_args(argv)
-    if args.cmd == "fineweb":
-        paths = prepare_fineweb(args.out, args.shards, args.sample, args.shard_tokens, args.workers)
-    elif args.cmd == "text":
-        paths = prepare_text(args.files, args.out, args.name, args.val_fraction, args.split_blank_lines, args.shard_tokens)
-    else:
-        paths = prepare_text([shakespeare_path()], args.out, "shakespeare", 0.1, False, args.shard_tokens)
+    try:
+        if args.cmd == "fineweb":
+            paths = prepare_fineweb(args.out, args.shards, args.sample, args.shard_tokens, args.workers)
+        elif args.cmd == "text":
+            paths = prepare_text(args.files, args.out, args.name, args.val_fraction, args.split_blank_lines,
+                                 args.shard_tokens)
+        else:
+            paths = prepare_text([shakespeare_path()], args.out, "shakespeare", 0.1, False, args.shard_tokens)
+    except (OSError, ValueError, ImportError) as e:  # what the user can fix: the message, not a traceback
+        p.exit(1, f"error: {e}\n")
     for path in paths:
         print(f"{path}: {read_header(path):,} tokens")
 

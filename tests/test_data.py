@@ -219,6 +219,7 @@ def test_shakespeare_from_cache_folder(tmp_path, monkeypatch):
     (["text", "A", "--out", "O", "--val-fraction", "-0.1"], "--val-fraction: must be > 0 and < 1"),
     (["fineweb", "--out", "O", "--shards", "0"], "--shards: must be >= 1"),
     (["fineweb", "--out", "O", "--shards", "-2"], "--shards: must be >= 1"),
+    (["fineweb", "--out", "O", "--workers", "0"], "--workers: must be >= 1"),
 ])
 def test_cli_rejects_bad_sizes(tmp_path, capsys, argv, message):
     argv = [str(tmp_path / "a.txt") if a == "A" else str(tmp_path / "out") if a == "O" else a for a in argv]
@@ -226,6 +227,15 @@ def test_cli_rejects_bad_sizes(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         D.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_file_is_one_error_line(tmp_path, capsys):
+    # a file the user named that does not exist: the message, exit status 1, no traceback, no shards
+    with pytest.raises(SystemExit) as e:
+        D.main(["text", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and "missing.txt" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 

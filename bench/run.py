@@ -4,7 +4,7 @@
     python bench/run.py gelu attention --quick  # some ops, one shape each
     python bench/run.py --e2e [--quick] [--e2e-steps 15] [--e2e-filter REGEX]   # gpt2.train tokens/s, MFU, loss
     python bench/run.py --static [gelu ...]   # no GPU: AOT compile report, IO audit, floors; fails on spills
-    python bench/run.py --compare A.json B.json   # differences; exit 1 if anything is >5% slower
+    python bench/run.py --compare A.json B.json   # differences; exit 1 if anything is >5% slower, 2 on a bad file
     python bench/run.py --cpu                 # what is meaningful without a GPU (the default there)
 
 GPU mode: the same run first measures the card's copy bandwidth and bf16 matmul throughput, then times
@@ -962,7 +962,12 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.compare:
-        text, flagged = report.compare(report.load(args.compare[0]), report.load(args.compare[1]))
+        try:
+            a, b = (report.load(path) for path in args.compare)
+        except (OSError, ValueError) as e:  # a missing file, not JSON, not a bench result
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        text, flagged = report.compare(a, b)
         print(text)
         return 1 if flagged else 0
     if args.static:

@@ -438,7 +438,7 @@ def _open_fraction(text):
 
 
 def main(argv=None):
-    from gpt2.generate import int_at_least
+    from gpt2.generate import int_at_least, user_errors
 
     p = argparse.ArgumentParser(prog="python -m gpt2.data", description="Make GPT-2 token shards.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -458,7 +458,7 @@ def main(argv=None):
     for q in (f, t, s):
         q.add_argument("--shard-tokens", type=int_at_least(1), default=SHARD_TOKENS, help="tokens per shard (>= 1)")
     args = p.parse_args(argv)
-    try:
+    with user_errors(p):
         if args.cmd == "fineweb":
             paths = prepare_fineweb(args.out, args.shards, args.sample, args.shard_tokens, args.workers)
         elif args.cmd == "text":
@@ -466,8 +466,6 @@ def main(argv=None):
                                  args.shard_tokens)
         else:
             paths = prepare_text([shakespeare_path()], args.out, "shakespeare", 0.1, False, args.shard_tokens)
-    except (OSError, ValueError, ImportError) as e:  # what the user can fix: the message, not a traceback
-        p.exit(1, f"error: {e}\n")
     for path in paths:
         print(f"{path}: {read_header(path):,} tokens")
 

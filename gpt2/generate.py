@@ -135,6 +135,19 @@ def decode_tokens_per_sec(model, batch_size, new_tokens=128, prompt_len=16, use_
 
 # ---- CLI -------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def user_errors(parser):
+    """In a CLI's main: what the user can fix (a missing file, a bad value or checkpoint, an unavailable
+    kernel backend, a missing optional package) ends the program with one `error:` line and exit status 1
+    instead of a traceback. Library callers and tests call the functions and get the exception."""
+    from kernels import BackendUnavailable
+
+    try:
+        yield
+    except (OSError, ValueError, ImportError, BackendUnavailable) as e:
+        parser.exit(1, f"error: {e}\n")
+
+
 def int_at_least(low):
     """argparse type: an integer >= low (argparse reports the flag and this message)."""
     def parse(text):
@@ -167,7 +180,8 @@ def main(argv=None, out=None):
     import tiktoken
 
     enc = tiktoken.get_encoding("gpt2")
-    model, device, autocast = load_model_from_args(args)
+    with user_errors(p):
+        model, device, autocast = load_model_from_args(args)
     prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
     if len(prompt) + args.max_new_tokens > model.config.block_size:
         p.error(f"prompt ({len(prompt)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's "

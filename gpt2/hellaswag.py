@@ -245,7 +245,7 @@ def evaluate(model, data_path=None, limit=None, batch_size=16, device=None, rank
 # ---- CLI -------------------------------------------------------------------------------------
 
 def main(argv=None):
-    from gpt2.generate import add_model_args, int_at_least, load_model_from_args
+    from gpt2.generate import add_model_args, int_at_least, load_model_from_args, user_errors
 
     p = argparse.ArgumentParser(prog="python -m gpt2.hellaswag", description=__doc__.split("\n\n")[0])
     add_model_args(p)
@@ -261,9 +261,10 @@ def main(argv=None):
         rank, _, world, dist_device = setup_distributed(args.device)  # nccl on cuda:LOCAL_RANK, else gloo on cpu
         args.device = str(dist_device)
     try:
-        model, device, autocast = load_model_from_args(args)
-        with autocast:
-            result = evaluate(model, args.data, args.limit, args.batch_size, device, rank=rank, world_size=world)
+        with user_errors(p):
+            model, device, autocast = load_model_from_args(args)
+            with autocast:
+                result = evaluate(model, args.data, args.limit, args.batch_size, device, rank=rank, world_size=world)
         if rank == 0 and args.json:
             print(json.dumps(result))
         elif rank == 0:

@@ -58,7 +58,10 @@ def main(argv=None):
     p.add_argument("runs", nargs="+", help="run folders (with log.jsonl)")
     p.add_argument("-o", "--out", default=None, help="PNG path (default: <first run>/loss.png)")
     args = p.parse_args(argv)
-    out = plot(args.runs, args.out or str(Path(args.runs[0]) / "loss.png"))
+    from gpt2.generate import user_errors
+
+    with user_errors(p):
+        out = plot(args.runs, args.out or str(Path(args.runs[0]) / "loss.png"))
     print(out)
 
 

@@ -65,11 +65,16 @@ def test_compare_cli_exit_code(capsys):
     assert run.main(["--compare", str(A), str(A)]) == 0
 
 
-def test_compare_refuses_a_file_that_is_not_a_result(tmp_path):
+def test_compare_refuses_a_file_that_is_not_a_result(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"rows": []}))
     with pytest.raises(ValueError, match="not a bench result"):
         report.load(bad)
+    # the CLI: one error line and exit status 2 (1 means "something is slower"), no traceback
+    for path, message in ((bad, "not a bench result"), (tmp_path / "missing.json", "No such file")):
+        assert run.main(["--compare", str(path), str(A)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err
 
 
 def test_validate_graph_fields():

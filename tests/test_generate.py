@@ -250,6 +250,13 @@ def test_cuda_cached_path_with_triton_kernels_bf16():
     assert out.shape == (4, 40) and out.max().item() < cfg.vocab_size
 
 
+def test_cli_missing_model_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--model", str(tmp_path / "nothing_here"), "--max-new-tokens", "2"], out=Recorder())
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and "nothing_here" in err
+
+
 @pytest.mark.parametrize("flag, value, message", [("--max-new-tokens", "-1", "--max-new-tokens: must be >= 0, got -1"),
                                                   ("--num-samples", "0", "--num-samples: must be >= 1, got 0"),
                                                   ("--num-samples", "-2", "--num-samples: must be >= 1, got -2"),

@@ -428,6 +428,15 @@ def test_plot(straight, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_plot_cli_names_a_folder_without_a_log(tmp_path, capsys):
+    from gpt2 import plot
+
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(tmp_path / "no_run")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and "no_run" in err and "no log" in err
+
+
 def test_cli_prints_usage_errors_without_a_traceback(tmp_path):
     """`python -m gpt2.train` with a bad argument: one line naming it, exit status 2, nothing written."""
     p = subprocess.run([sys.executable, "-m", "gpt2.train", "--seq-len", "0", "--out", str(tmp_path / "x")],

@@ -128,11 +128,11 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
     if add:
         truth["s"] = s64.detach()
         s_, y, mean, rstd = ln.add_layer_norm_fwd(x, r, w, b, 1e-5, y_dtype)
-        dx, dw, db = ln.layer_norm_bwd(dy, s_, w, mean, rstd, ds)
+        dx, (dw, db) = ln.layer_norm_bwd(dy, s_, w, mean, rstd, ds)
         default = {"s": s_, "y": y, "dx": dx, "dw": dw, "db": db}
     else:
         y, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-5, y_dtype)
-        dx, dw, db = ln.layer_norm_bwd(dy, x, w, mean, rstd)
+        dx, (dw, db) = ln.layer_norm_bwd(dy, x, w, mean, rstd)
         default = {"y": y, "dx": dx, "dw": dw, "db": db}
     default_err = {k: (v.double() - truth[k]).abs().max().item() for k, v in default.items()}
     block_c = 1 << (C - 1).bit_length()
@@ -185,7 +185,7 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
             _, _, wi, _, dyi, dsi = sets[i]
             xi, mi, ri = stats[i]
             dxi, parts = outs[i]
-            ln._layer_norm_bwd_kernel[(programs,)](dyi, xi, wi, mi, ri, dxi, dsi if add else dyi, parts[0], parts[1],
+            ln._layer_norm_bwd_kernel[(programs,)](dyi, xi, wi, mi, ri, dxi, dsi if add else dyi, parts,
                                                    C, C, C, N, C, tpp, BLOCK_R=br, BLOCK_C=block_c, STAGES=stages,
                                                    HAS_DS=add, num_warps=warps)
             parts.sum(1)  # the op's reduction of the partial sums (a torch kernel), timed with it

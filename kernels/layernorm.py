@@ -8,7 +8,8 @@ What is fused
             fp32 stream under bf16 autocast), and the fp32 row statistics (mean, rstd) for the backward.
   backward  one pass over the same tiles: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w,
             while each program sums dy * xhat and dy over its rows in fp32 registers and writes them as one
-            row of a (programs, C) fp32 buffer; a torch .sum(0) over that small buffer gives dw and db.
+            row each of a (2, programs, C) fp32 buffer; one torch .sum(1) over that small buffer gives
+            (dw, db) as a (2, C) tensor, the op's second output.
             Fixed partition, fixed order, no atomics: the same inputs give bitwise the same gradients.
   x, w, b may differ in dtype (bf16 x with fp32 w under autocast); all math is fp32.
   add_layer_norm(x, r, w, b) -> (s, y): the forward loads x and r, stores s = x + r (rounded to s's dtype,
@@ -28,8 +29,8 @@ Floor (N rows of C; s = bytes per element of x, sw of w and b)
   fp32 (no out_dtype) it would be 176 and 227 MB.
 Total / floor: every forward program re-reads w and b (4 rows per program at C = 768: total/floor ~1.5
 counting every load, but they hit L1/L2 and DRAM sees them about once). mean and rstd are 8 bytes per row
-(0.5% of the floor at C = 768). The backward reads w once per program, and writes and re-reads the (P, C)
-fp32 partial buffers, P = 4 x SMs (528 on an H100): 2 x 2 x P x C x 4 bytes = 6.5 MB at C = 768, at most 9%
+(0.5% of the floor at C = 768). The backward reads w once per program, and writes and re-reads the (2, P, C)
+fp32 partial buffer, P = 4 x SMs (528 on an H100): 2 x 2 x P x C x 4 bytes = 6.5 MB at C = 768, at most 9%
 over the floor if none of it stayed in L2 (most of it does). Unique bytes in `python -m bench.io_audit`.
 Not yet measured on a GPU: add_layer_norm (its +ds backward uses 148 registers on sm_90 vs 128, one
 program of 8 warps per SM instead of two: bench/ln_tune.py's configs are the lever if it is slow).
@@ -45,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, impl, next_power_of_2
+from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, next_power_of_2
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -106,8 +107,7 @@ def _layer_norm_bwd_kernel(
     rstd_ptr,  # (N,) fp32, from the forward
     dx_ptr,  # (N, C) output, contiguous, x's dtype
     ds_ptr,  # (N, C) gradient reaching x by another path, added to dx (HAS_DS), row stride stride_ds
-    dw_part_ptr,  # (P, C) fp32: this program's sum of dy * xhat over its rows
-    db_part_ptr,  # (P, C) fp32: this program's sum of dy over its rows
+    part_ptr,  # (2, P, C) fp32: [0, p] program p's sum of dy * xhat over its rows, [1, p] its sum of dy
     stride_dy,
     stride_x,
     stride_ds,
@@ -145,8 +145,8 @@ def _layer_norm_bwd_kernel(
         tl.store(dx_ptr + rows64 * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
         db_acc += dy
-    tl.store(dw_part_ptr + pid * C + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
-    tl.store(db_part_ptr + pid * C + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+    tl.store(part_ptr + pid * C + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+    tl.store(part_ptr + (tl.num_programs(0) + pid) * C + cols, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -293,40 +293,42 @@ def _(x, residual, weight, bias, eps, out_dtype=None):
             torch.empty_like(mean))
 
 
-@torch.library.custom_op("gpt2k::layer_norm_bwd", mutates_args=())
-def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                   rstd: torch.Tensor, ds: Optional[torch.Tensor] = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dx in x's dtype, contiguous; dweight fp32 (C,); dbias fp32 (C,)). ds, if given (x's shape), is a
-    gradient reaching x by another path (add_layer_norm's s output): dx = its sum with the LayerNorm's."""
-    _check_bwd(dy, x, weight, mean, rstd, ds)
-    _check_device(dy, x, weight, mean, rstd, *(() if ds is None else (ds,)))
+def _backward_launch(dy, x, weight, mean, rstd, ds=None):
+    """The backward launch, unchecked (the eager fast path's backward: its inputs come from our forward)."""
     C = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     x2, dy2 = _rows(x), _rows(dy)
     ds2 = dy2 if ds is None else _rows(ds)
     N = x2.shape[0]
     if N == 0:
-        zeros = torch.zeros(C, dtype=torch.float32, device=x.device)
-        return dx, zeros, zeros.clone()
+        return dx, torch.zeros((2, C), dtype=torch.float32, device=x.device)
     block_r, block_c, num_warps = _tile(C, x.is_cuda)
     tiles = cdiv(N, block_r)
     tiles_per_program = cdiv(tiles, _programs_target(x.device))
     programs = cdiv(tiles, tiles_per_program)
-    dw_part = torch.empty((programs, C), dtype=torch.float32, device=x.device)  # each program writes its row
-    db_part = torch.empty_like(dw_part)
+    part = torch.empty((2, programs, C), dtype=torch.float32, device=x.device)  # each program writes its rows
     _layer_norm_bwd_kernel[(programs,)](
-        dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, ds2, dw_part, db_part,
+        dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, ds2, part,
         dy2.stride(0), x2.stride(0), ds2.stride(0), N, C, tiles_per_program,
         BLOCK_R=block_r, BLOCK_C=block_c, STAGES=BWD_STAGES, HAS_DS=ds is not None, num_warps=num_warps)
-    return dx, dw_part.sum(0), db_part.sum(0)
+    return dx, part.sum(1)
+
+
+@torch.library.custom_op("gpt2k::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                   rstd: torch.Tensor, ds: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx in x's dtype, contiguous; (2, C) fp32: dweight, dbias). ds, if given (x's shape), is a gradient
+    reaching x by another path (add_layer_norm's s output): dx = its sum with the LayerNorm's. One output for
+    both parameter gradients: they come from one reduction, and an op's outputs may not alias each other."""
+    _check_bwd(dy, x, weight, mean, rstd, ds)
+    _check_device(dy, x, weight, mean, rstd, *(() if ds is None else (ds,)))
+    return _backward_launch(dy, x, weight, mean, rstd, ds)
 
 
 @layer_norm_bwd.register_fake
 def _(dy, x, weight, mean, rstd, ds=None):
     _check_bwd(dy, x, weight, mean, rstd, ds)
-    C = x.shape[-1]
-    return x.new_empty(x.shape), x.new_empty((C,), dtype=torch.float32), x.new_empty((C,), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty((2, x.shape[-1]), dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
@@ -339,13 +341,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dmean, _drstd, bwd=layer_norm_bwd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = bwd(dy, x, weight, mean, rstd)  # dy in y's dtype: the kernel reads any
-    return dx, dw.to(weight.dtype), db.to(ctx.bias_dtype), None, None
+    dx, dwb = bwd(dy, x, weight, mean, rstd)  # dy in y's dtype: the kernel reads any
+    return dx, dwb[0].to(weight.dtype), dwb[1].to(ctx.bias_dtype), None, None
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 _EagerLayerNorm = eager_function(  # kernels/_eager.py: the same, without the dispatcher, for eager calls
-    layer_norm_fwd, _setup_context, functools.partial(_backward, bwd=impl(layer_norm_bwd)), "_EagerLayerNorm")
+    layer_norm_fwd, _setup_context, functools.partial(_backward, bwd=_backward_launch), "_EagerLayerNorm")
 
 
 def _add_setup_context(ctx, inputs, output):
@@ -361,14 +363,14 @@ def _add_backward(ctx, ds, dy, _dmean, _drstd, bwd=layer_norm_bwd):
     s, weight, mean, rstd = ctx.saved_tensors
     if dy is None:  # only s was used: the LayerNorm's part is zero (ds None, only y used: the kernel skips it)
         dy = torch.zeros_like(s)
-    dsum, dw, db = bwd(dy, s, weight, mean, rstd, ds)
+    dsum, dwb = bwd(dy, s, weight, mean, rstd, ds)
     x_dtype, r_dtype, b_dtype = ctx.dtypes
-    return dsum.to(x_dtype), dsum.to(r_dtype), dw.to(weight.dtype), db.to(b_dtype), None, None
+    return dsum.to(x_dtype), dsum.to(r_dtype), dwb[0].to(weight.dtype), dwb[1].to(b_dtype), None, None
 
 
 add_layer_norm_fwd.register_autograd(_add_backward, setup_context=_add_setup_context)
 _EagerAddLayerNorm = eager_function(
-    add_layer_norm_fwd, _add_setup_context, functools.partial(_add_backward, bwd=impl(layer_norm_bwd)),
+    add_layer_norm_fwd, _add_setup_context, functools.partial(_add_backward, bwd=_backward_launch),
     "_EagerAddLayerNorm")
 
 
@@ -429,12 +431,12 @@ def compile_specs():
             name=f"{label}layer_norm_bwd x={xt}{y_label.replace('y=', 'dy=')} w={wt}{' +ds' if add else ''} C=768",
             fn=_layer_norm_bwd_kernel,
             signature={"dy_ptr": f"*{yt}", "x_ptr": f"*{xt}", "w_ptr": f"*{wt}", "mean_ptr": "*fp32",
-                       "rstd_ptr": "*fp32", "dx_ptr": f"*{xt}", "ds_ptr": f"*{xt}", "dw_part_ptr": "*fp32",
-                       "db_part_ptr": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_ds": "i32",
+                       "rstd_ptr": "*fp32", "dx_ptr": f"*{xt}", "ds_ptr": f"*{xt}", "part_ptr": "*fp32",
+                       "stride_dy": "i32", "stride_x": "i32", "stride_ds": "i32",
                        "N": "i32", "C": "i32", "tiles_per_program": "i32", "BLOCK_R": "constexpr",
                        "BLOCK_C": "constexpr", "STAGES": "constexpr", "HAS_DS": "constexpr"},
             constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, "STAGES": BWD_STAGES, "HAS_DS": add},
             num_warps=num_warps,
-            aligned=("dy_ptr", "x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "dx_ptr", "ds_ptr", "dw_part_ptr",
-                     "db_part_ptr", "stride_dy", "stride_x", "stride_ds", "N", "C")))
+            aligned=("dy_ptr", "x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "dx_ptr", "ds_ptr", "part_ptr",
+                     "stride_dy", "stride_x", "stride_ds", "N", "C")))
     return specs

@@ -195,6 +195,51 @@ def test_gpu_default_kernels_bf16(torch_curve, text, tmp_path):
     assert all((r["mfu"] is not None) == known for r in log)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("spec", ["torch", "triton,cross_entropy=cuda", "triton,linear_cross_entropy=cuda"])
+def test_gpu_training_step_never_syncs(spec):
+    """Issue 7: no host-device sync inside a training step but the loop's one loss read. After a warm-up step
+    (Triton compiles and autotunes, the CUDA extension loads), a whole step as the loop runs it (batches to
+    the GPU, forward + backward of two micro-batches under bf16 autocast, clipping, the optimizer step) runs
+    under torch.cuda.set_sync_debug_mode("error"), which raises on any synchronizing CUDA call PyTorch makes
+    (a .item(), a device-to-host copy, a data-dependent shape...). A sync per micro-step would stall the host
+    that must run ahead of the GPU."""
+    import argparse
+
+    reason = _unavailable(spec)
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = GPT(GPTConfig.preset("small"), kernels=spec).to(device)
+    opt = train.build_optimizer(model, argparse.Namespace(weight_decay=0.1, lr=6e-4, beta1=0.9, beta2=0.95))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    checks = kernels.set_loss_row_checks(False)  # as train() runs: the fused losses' per-call row check is a sync
+    batches = [tuple(torch.randint(0, model.config.vocab_size, (2, 64)) for _ in range(2)) for _ in range(4)]
+
+    def step(pair):
+        loss_sum = torch.zeros((), device=device)
+        for batch in pair:
+            x, y = train._to_device(batch, device)
+            train.forward_backward(model, x, y, autocast, 2, loss_sum)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss_sum, norm
+
+    try:
+        step(batches[:2])
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss_sum, norm = step(batches[2:])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert math.isfinite(loss_sum.item()) and math.isfinite(norm.item())  # the loop's one read, outside
+    finally:
+        kernels.set_loss_row_checks(checks)
+
+
 # ---- --compile-mode and --cuda-graph ---------------------------------------------------------------
 
 def test_compile_mode_trains_like_eager(torch_curve, text, tmp_path, monkeypatch):

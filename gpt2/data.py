@@ -222,15 +222,28 @@ class DataLoader:
 
 # ---- datasets: shard folders, .txt files, the built-in corpus ---------------------------------
 
-def _encoder():
+class DownloadError(OSError):
+    """Something fetched on first use (tiktoken's BPE files, tiny Shakespeare, HellaSwag) could not be
+    downloaded or failed its check; the message says where to put a local copy instead."""
+
+
+def encoding():
+    """tiktoken's GPT-2 BPE. tiktoken downloads its two files on first use and caches them (in
+    $TIKTOKEN_CACHE_DIR, else a temp folder); offline, that fails deep inside `requests`: say what to do."""
     import tiktoken
 
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # requests' ConnectionError / HTTPError, or tiktoken's hash check of the download
+        raise DownloadError(
+            f"tiktoken could not load the GPT-2 BPE files ({type(e).__name__}: {str(e)[:300]}). It downloads them "
+            "from openaipublic.blob.core.windows.net on first use; on a machine without internet set "
+            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cached copies") from e
 
 
 def tokenize_documents(texts):
     """GPT-2 tokens of a list of documents, each preceded by <|endoftext|>, as one uint16 array."""
-    enc = _encoder()
+    enc = encoding()
     parts = []
     for ids in enc.encode_ordinary_batch(list(texts)):
         parts.append(np.array([EOT] + ids, dtype=np.uint16))
@@ -320,11 +333,15 @@ def shakespeare_path():
     import urllib.request
 
     print(f"downloading tiny Shakespeare from {SHAKESPEARE_URL} to {target}", file=sys.stderr)
-    with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
-        body = r.read()
+    local = "put tinyshakespeare.txt in $GPT2_DATA_CACHE or $GPT2_DATA_CACHE/corpus to use a local copy"
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
+            body = r.read()
+    except OSError as e:  # URLError, a timeout, a refused connection
+        raise DownloadError(f"could not download tiny Shakespeare from {SHAKESPEARE_URL} ({e}); {local}") from e
     digest = hashlib.sha256(body).hexdigest()
     if digest != SHAKESPEARE_SHA256:
-        raise ShardError(f"{SHAKESPEARE_URL}: sha256 {digest} != expected {SHAKESPEARE_SHA256}")
+        raise DownloadError(f"{SHAKESPEARE_URL}: sha256 {digest} != expected {SHAKESPEARE_SHA256}; nothing saved; {local}")
     tmp = str(target) + ".tmp"
     with open(tmp, "wb") as f:
         f.write(body)
@@ -391,7 +408,7 @@ def prepare_text(files, out, name="text", val_fraction=0.1, blank_lines=False, s
 
 
 def _encode_doc(text):
-    return np.array([EOT] + _encoder().encode_ordinary(text), dtype=np.uint16)
+    return np.array([EOT] + encoding().encode_ordinary(text), dtype=np.uint16)
 
 
 def prepare_documents(texts, out, name, shard_tokens=SHARD_TOKENS, max_shards=None, workers=None, total=None):

@@ -177,10 +177,10 @@ def main(argv=None, out=None):
     p.add_argument("--no-cache", action="store_true", help="re-run the whole prefix each step (slow; for checking)")
     args = p.parse_args(argv)
 
-    import tiktoken
+    from gpt2.data import encoding
 
-    enc = tiktoken.get_encoding("gpt2")
     with user_errors(p):
+        enc = encoding()
         model, device, autocast = load_model_from_args(args)
     prompt = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
     if len(prompt) + args.max_new_tokens > model.config.block_size:

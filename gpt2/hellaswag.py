@@ -35,6 +35,8 @@ import urllib.request
 
 import torch
 
+from gpt2.data import DownloadError, encoding
+
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 FILENAME = "hellaswag_val.jsonl"
@@ -63,7 +65,7 @@ def download(path):
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise RuntimeError(f"could not download HellaSwag from {URL} ({e}); put {FILENAME} under $GPT2_DATA_CACHE/hellaswag/ or pass --data") from e
+        raise DownloadError(f"could not download HellaSwag from {URL} ({e}); put {FILENAME} under $GPT2_DATA_CACHE/hellaswag/ or pass --data") from e
     digest, lines = hashlib.sha256(), 0
     with open(tmp, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -71,7 +73,7 @@ def download(path):
             lines += chunk.count(b"\n")
     if digest.hexdigest() != SHA256 or lines != LINES:
         os.remove(tmp)
-        raise RuntimeError(f"{URL}: downloaded file has sha256 {digest.hexdigest()} and {lines:,} lines, expected "
+        raise DownloadError(f"{URL}: downloaded file has sha256 {digest.hexdigest()} and {lines:,} lines, expected "
                            f"sha256 {SHA256} and {LINES:,} lines; deleted it (put a good {FILENAME} under "
                            "$GPT2_DATA_CACHE/hellaswag/ or pass --data)")
     os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
@@ -116,9 +118,7 @@ def tokenized_examples(path, limit=None):
     """Tokenized examples, cached in memory: the trainer evaluates the same file again and again."""
     key = (os.path.abspath(path), os.path.getmtime(path), limit)
     if key not in _TOKENIZED:
-        import tiktoken
-
-        enc = tiktoken.get_encoding("gpt2")
+        enc = encoding()
         out = []
         for ex in read_examples(path, limit):
             ends = enc.encode_ordinary_batch([" " + e for e in ex["endings"]])

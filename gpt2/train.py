@@ -210,7 +210,7 @@ def check_sample_length(args, block_size):
     not after training."""
     if args.sample_tokens <= 0:
         return
-    n_prompt = 1 + len(_encoding().encode(args.sample_prompt))
+    n_prompt = 1 + len(gdata.encoding().encode(args.sample_prompt))
     if n_prompt + args.sample_tokens > block_size:
         raise UsageError(f"--sample-tokens {args.sample_tokens} + the prompt's {n_prompt} tokens (<|endoftext|> + "
                          f"--sample-prompt) = {n_prompt + args.sample_tokens} exceeds the model's block size {block_size}: "
@@ -582,7 +582,7 @@ def _train(args, rank, world, device):
             if not args.quiet:
                 say(_console_line(record, args.max_steps))
         if args.sample_tokens and args.sample_every and done % args.sample_every == 0 and not last and master:
-            enc = enc or _encoding()
+            enc = enc or gdata.encoding()
             say(f"--- sample at step {done} ---\n{sample(raw, enc, args, device, autocast)}")
         if not args.no_checkpoint and ((args.checkpoint_every and done % args.checkpoint_every == 0) or last):
             states = [rng_state(device)]
@@ -595,7 +595,7 @@ def _train(args, rank, world, device):
                          "args": vars(args), "kernels": args.kernels, "world_size": world}
                 last_ckpt = save_checkpoint(out, done, state, args.keep_checkpoints)
     if master and args.sample_tokens:
-        enc = enc or _encoding()
+        enc = enc or gdata.encoding()
         text = sample(raw, enc, args, device, autocast)
         (out / "sample.txt").write_text(text + "\n")
         say(f"--- sample after {args.max_steps} steps ---\n{text}")
@@ -626,10 +626,6 @@ def evaluate_loss(model, loader, steps, device, autocast, world):
     return total.item()
 
 
-def _encoding():
-    import tiktoken
-
-    return tiktoken.get_encoding("gpt2")
 
 
 @torch.no_grad()
@@ -679,7 +675,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (UsageError, FileNotFoundError, gdata.ShardError, kernels.BackendUnavailable) as e:
+    except (UsageError, FileNotFoundError, gdata.ShardError, gdata.DownloadError, kernels.BackendUnavailable) as e:
         # what the user can fix: the message alone (tests and library callers get the exception)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -176,7 +176,7 @@ def test_text_prep_and_txt_on_the_fly(tmp_path):
     tokens = np.concatenate([D.read_shard(p) for p in paras])
     assert (tokens == D.EOT).sum() == 4  # 3 paragraphs + 1 file
     assert max(len(D.read_shard(p)) for p in paras) == 7 and len(paras) > 3
-    enc = D._encoder()
+    enc = D.encoding()
     assert enc.decode(tokens[1:].tolist()).startswith("First doc.<|endoftext|>Second doc,\nstill second.<|endoftext|>Third.")
     # a .txt given to the loader directly: same tokens, the last 10% as val
     txt = D.resolve_sources(str(a), "train")[0].tokens(50257)
@@ -191,6 +191,33 @@ def test_document_shards_first_is_val(tmp_path):
     tokens = np.concatenate([D.read_shard(p) for p in paths])
     assert len(tokens) == 300 and tokens[0] == D.EOT
     np.testing.assert_array_equal(tokens, D.tokenize_documents(texts)[:300])
+
+
+def test_failed_downloads_say_where_to_put_a_local_copy(tmp_path, monkeypatch):
+    """Offline, the first use of tiktoken's BPE files or of tiny Shakespeare used to end in a stack of
+    requests/urllib tracebacks; now one DownloadError (an OSError) names the fix, and nothing is saved."""
+    import urllib.error
+    import urllib.request
+
+    import tiktoken
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'openaipublic.blob.core.windows.net'")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(D.DownloadError, match="TIKTOKEN_CACHE_DIR") as e:
+        D.encoding()
+    assert "Failed to resolve" in str(e.value) and isinstance(e.value, OSError)
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setenv("GPT2_DATA_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(D.DownloadError, match=r"could not download tiny Shakespeare .*Name or service not known.*GPT2_DATA_CACHE"):
+        D.shakespeare_path()
+    assert not list((tmp_path / "xdg").rglob("*.txt"))
 
 
 def test_shakespeare_from_cache_folder(tmp_path, monkeypatch):

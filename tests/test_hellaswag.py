@@ -237,7 +237,7 @@ def test_download_is_checked(tmp_path, monkeypatch, data_path):
     good = open(data_path, "rb").read()
     for body in (good[:-1000], good.replace(b"ctx", b"CTX", 1), b""):  # truncated, altered, empty
         monkeypatch.setattr(hellaswag.urllib.request, "urlretrieve", fake(body))
-        with pytest.raises(RuntimeError, match="expected sha256 0aa3b888.* and 10,042 lines; deleted it"):
+        with pytest.raises(hellaswag.DownloadError, match="expected sha256 0aa3b888.* and 10,042 lines; deleted it"):
             hellaswag.download(str(target))
         assert list(target.parent.iterdir()) == []  # neither the file nor a partial one is left
     monkeypatch.setattr(hellaswag.urllib.request, "urlretrieve", fake(good))

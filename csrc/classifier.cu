@@ -335,6 +335,7 @@ template __global__ void scale_kernel<__nv_bfloat16, 1>(__nv_bfloat16*, int64_t,
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -456,9 +457,8 @@ at::Tensor run_cuda(const at::Tensor& logits, void* grad, const at::Tensor& targ
     cudaStreamCaptureStatus capturing;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capturing));
     if (capturing == cudaStreamCaptureStatusNone) {
-      int bad[2];
-      C10_CUDA_CHECK(cudaMemcpyAsync(bad, ws.const_data_ptr<int>(), sizeof(bad), cudaMemcpyDeviceToHost, stream));
-      C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+      int bad[2];  // PyTorch's copy + sync (as .item() does): torch.cuda.set_sync_debug_mode sees it
+      c10::cuda::memcpy_and_sync(bad, ws.const_data_ptr<int>(), sizeof(bad), cudaMemcpyDeviceToHost, stream);
       raise_invalid(bad[0] == kNone ? -1 : bad[0], bad[1] == kNone ? -1 : bad[1], targets, vocab_size,
                     ignore_index, op);
     }

@@ -387,6 +387,29 @@ def test_cuda_edge_rows(dtype):
 
 
 @requires_cuda
+def test_cuda_row_check_is_a_sync_the_debug_mode_sees():
+    """The per-call invalid-row check reads back with PyTorch's memcpy_and_sync (as .item() does), so
+    torch.cuda.set_sync_debug_mode sees it: test_train's test_gpu_training_step_never_syncs would catch the
+    check left on in training (a raw cudaStreamSynchronize would slip past it). Off, the op does not sync."""
+    import kernels
+
+    logits, targets = make(16, 1000, 1024, torch.bfloat16, device="cuda")
+    C.cross_entropy(logits, targets, -1, 1000)  # warm-up: the extension loads, the staging limit is set
+    torch.cuda.synchronize()
+    checks = kernels.set_loss_row_checks(True)
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        with pytest.raises(RuntimeError, match="synchronizing CUDA operation"):
+            C.cross_entropy(logits, targets, -1, 1000)
+        kernels.set_loss_row_checks(False)
+        loss = C.cross_entropy(logits, targets, -1, 1000)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        kernels.set_loss_row_checks(checks)
+    assert torch.isfinite(loss).item()
+
+
+@requires_cuda
 def test_cuda_invalid_rows():
     logits, targets = make(10, 40, 48, torch.float32, device="cuda", ignore_frac=0.0)
     logits[7, :40] = float("-inf")

@@ -59,7 +59,7 @@ void raise_invalid(int64_t bad_target_row, int64_t bad_row, const at::Tensor& ta
                       ") and not ignore_index (", ignore_index, ")");
   }
   TORCH_CHECK_VALUE(bad_row < 0, op, ": row ", bad_row,
-                    " has every real logit -inf: its softmax and loss are undefined");
+                    " has every real logit -inf or NaN: its softmax and loss are undefined");
 }
 
 namespace {
@@ -98,13 +98,14 @@ void ce_rows_cpu(const T* logits, T* grad, const int64_t* targets, float* row_lo
             buf[k] = static_cast<float>(x[c0 + k]);
             cm = std::max(cm, buf[k]);
           }
-          if (cm > m) {  // (a NaN logit is skipped by max, then makes s and the loss NaN, as in torch)
+          if (cm > m) {  // (max skips a NaN logit; its exp below makes s and the loss NaN, as in torch)
             if (m != -INFINITY) s *= std::exp(static_cast<double>(m) - cm);
             m = cm;
           }
-          if (m == -INFINITY) continue;  // everything so far is -inf
+          // Everything so far -inf or NaN: subtract 0, so a -inf adds 0 and a NaN still reaches s.
+          const float ms = m == -INFINITY ? 0.f : m;
           float cs = 0.f;
-          for (int64_t k = 0; k < len; ++k) cs += std::exp(buf[k] - m);
+          for (int64_t k = 0; k < len; ++k) cs += std::exp(buf[k] - ms);
           s += cs;
         }
       }

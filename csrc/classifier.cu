@@ -100,7 +100,7 @@ struct MaxSum {
 
 __device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.f};
+  if (m == -INFINITY) return {m, a.s + b.s};  // 0, or NaN when a NaN logit was seen: keep it
   return {m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
 }
 
@@ -217,17 +217,17 @@ __global__ void __launch_bounds__(kThreads, 2)
           if (i < nvec_real && i * E + k < v) cm = fmaxf(cm, to_float(p[u].v[k]));
         }
       }
-      if (cm > acc.m) {
+      if (cm > acc.m) {  // (fmaxf skips a NaN logit; its exp below makes the sum and the loss NaN)
         acc.s *= __expf(acc.m - cm);
         acc.m = cm;
       }
-      if (acc.m == -INFINITY) continue;
+      const float ms = acc.m == -INFINITY ? 0.f : acc.m;  // all -inf or NaN so far: -inf adds 0, NaN stays
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t i = i0 + int64_t{u} * blockDim.x;
 #pragma unroll
         for (int k = 0; k < E; ++k) {
-          if (i < nvec_real && i * E + k < v) acc.s += __expf(to_float(p[u].v[k]) - acc.m);
+          if (i < nvec_real && i * E + k < v) acc.s += __expf(to_float(p[u].v[k]) - ms);
         }
       }
     }

@@ -198,8 +198,9 @@ def _backward(ctx, grad_loss, _grad_dlogits):
         torch.autograd.graph.increment_version(dlogits)
         return dlogits, None, None, None, None, None
     # Traced (torch.compile / AOTAutograd see functional or fake tensors) or a tensor subclass: stay
-    # functional, the compiler schedules the multiply.
-    return dlogits * grad_loss.to(dlogits.dtype), None, None, None, None, None
+    # functional, the compiler schedules the multiply: in fp32, rounded once to dlogits' dtype (a half
+    # tensor times an fp32 scalar tensor would round the scale first: a GradScaler's 65536 -> inf in fp16).
+    return (dlogits.float() * grad_loss).to(dlogits.dtype), None, None, None, None, None
 
 
 # Eager fast path: the extension's op called below autograd, with the same setup_context and backward as

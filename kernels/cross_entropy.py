@@ -148,6 +148,7 @@ def _launch(logits, targets, ignore_index, vocab_size, out, scale=None):
     losses = torch.empty(n, dtype=torch.float32, device=logits.device)
     if n == 0:
         return losses
+    targets = targets.contiguous()  # the kernel reads targets[row] with unit stride
     block, num_warps = _config(n_cols)
     grad = out if out is not None else logits  # unused pointer when WRITE_GRAD is False
     _ce_kernel[(n,)](
@@ -224,8 +225,8 @@ def _backward(ctx, grad_loss, _grad_dlogits, scale_=_scale_):
     (dlogits,) = ctx.saved_tensors
     if dlogits.numel() == 0 and ctx.rows > 0:
         raise RuntimeError("cross_entropy: backward needs the forward to run with compute_grad=True")
-    if type(dlogits) is not torch.Tensor:
-        return dlogits * grad_loss, None, None, None, None
+    if type(dlogits) is not torch.Tensor:  # in fp32, rounded once (an fp16 GradScaler scale must not become inf)
+        return (dlogits.float() * grad_loss).to(dlogits.dtype), None, None, None, None
     scale_(dlogits, grad_loss.float().contiguous())
     return dlogits, None, None, None, None
 

@@ -9,7 +9,9 @@ For each chunk of rows, in the forward pass:
     dh_c   = dlogits @ W                   (M, C)
     dW    += dlogits^T @ h_c               (V, C)  accumulated in fp32 across chunks
 
-and backward only scales the stored dh, dW by grad_output / count.
+and backward only scales the stored dh, dW by grad_output / count; except that a dW in a lower precision
+than fp32 is divided by the count in fp32 before it is rounded into the weight's dtype (an fp16 dW summed
+over 16k rows would overflow first), and backward then multiplies it by grad_output alone.
 
 Memory: one chunk of logits (default <= 256 MiB) + dW in fp32 + dh, instead of the N x V logits,
 their fp32 copy, the log-softmax and its gradient (several GB at N=16384). FLOPs: the same three
@@ -88,12 +90,14 @@ def _linear_cross_entropy_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, vocab_size: int,
     backend: str, chunk_rows: int, compute_dtype: torch.dtype, grad_hidden: bool, grad_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(mean loss fp32 0-d, unscaled dh (N, C) or empty, unscaled dW (V, C) or empty)."""
+    """(mean loss fp32 0-d; dh (N, C) of the summed loss, or empty; dW (V, C) or empty: of the mean loss
+    when weight is not fp32, else of the summed loss: backward divides those by the count)."""
     fused_ce_ = _fused_ce(backend)
     n = hidden.shape[0]
+    count = (targets != ignore_index).sum().clamp(min=1)
     with torch.autocast(hidden.device.type, enabled=False):  # our dtypes are decided; keep them
         w = weight.to(compute_dtype)
-        dh = torch.empty_like(hidden) if grad_hidden else hidden.new_empty((0,))
+        dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else hidden.new_empty((0,))
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_rows):
@@ -106,8 +110,10 @@ def _linear_cross_entropy_op(
                 dw = _addmm_fp32(dw, logits.t(), h)  # += dlogits^T @ h
             del logits
     check_loss(loss_sum, targets, ignore_index, vocab_size, "linear_cross_entropy")
-    count = (targets != ignore_index).sum().clamp(min=1)
-    dw = dw.to(weight.dtype) if grad_weight else weight.new_empty((0,))
+    if not grad_weight:
+        dw = weight.new_empty((0,))
+    elif weight.dtype != torch.float32:  # divide in fp32, then round once into weight's dtype
+        dw = torch.div(dw, count, out=torch.empty(weight.shape, dtype=weight.dtype, device=weight.device))
     return loss_sum / count, dh, dw
 
 
@@ -125,6 +131,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2], targets)
     auxiliary_outputs(ctx, output[1], output[2])  # dh, dW
     ctx.ignore_index = ignore_index
+    ctx.dw_is_sum = inputs[1].dtype == torch.float32  # an fp32 dW is stored undivided by the count
 
 
 def _backward(ctx, grad_loss, _grad_dh, _grad_dw):
@@ -133,9 +140,10 @@ def _backward(ctx, grad_loss, _grad_dh, _grad_dw):
         if ctx.needs_input_grad[i] and g.numel() == 0 and targets.numel() > 0:
             raise RuntimeError(f"linear_cross_entropy: the gradient for {name} was not computed in forward "
                                f"(grad_{name}=False)")
-    scale = grad_loss / (targets != ctx.ignore_index).sum().clamp(min=1)
-    grad_h = dh * scale if ctx.needs_input_grad[0] else None
-    grad_w = dw * scale if ctx.needs_input_grad[1] else None
+    scale = grad_loss.float() / (targets != ctx.ignore_index).sum().clamp(min=1)
+    # in fp32, rounded once: (a half tensor times an fp32 scalar tensor would round the scale to half first)
+    grad_h = (dh.float() * scale).to(dh.dtype) if ctx.needs_input_grad[0] else None
+    grad_w = (dw.float() * (scale if ctx.dw_is_sum else grad_loss.float())).to(dw.dtype) if ctx.needs_input_grad[1] else None
     return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
@@ -168,6 +176,7 @@ def chunked_linear_cross_entropy(hidden, weight, targets, ignore_index=-1, vocab
     if backend not in ("triton", "cuda"):
         raise ValueError(f"linear_cross_entropy: unknown backend {backend!r} (triton, cuda)")
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    targets = targets.contiguous()  # the fused kernels read per-chunk slices of it with unit stride
     dtype = _compute_dtype(hidden, weight)
     if chunk_rows is None:
         chunk_rows = default_chunk_rows(weight.shape[0], dtype)

@@ -150,6 +150,31 @@ def test_nan_or_plus_inf_logit_raises(bad):
         C.cross_entropy(logits, targets, -1, 40)
 
 
+@pytest.mark.parametrize("where", ["first chunk all NaN", "NaN among -inf at the start", "whole row NaN"])
+def test_nan_where_the_running_max_is_still_minus_inf(where):
+    """A NaN met while every logit so far is -inf (max() skips NaN) used to be dropped with its chunk: a
+    finite loss and NaN gradients. Now the loss is NaN: raised with the check on, NaN with it off."""
+    logits, targets = make(3, 200, 200, torch.float32, ignore_frac=0.0)
+    targets[1] = 150
+    if where == "first chunk all NaN":
+        logits[1, :64] = float("nan")
+    elif where == "NaN among -inf at the start":
+        logits[1, :64] = float("-inf")
+        logits[1, 5] = float("nan")
+    else:
+        logits[1] = float("nan")
+    assert torch.isnan(R.cross_entropy(logits, targets, -1, 200))
+    with pytest.raises(ValueError, match="NaN"):
+        C.cross_entropy(logits, targets, -1, 200)
+    old, C.CHECK_ROWS = C.CHECK_ROWS, False
+    try:
+        loss = C.cross_entropy(logits, targets, -1, 200)
+    finally:
+        C.CHECK_ROWS = old
+    assert torch.isnan(loss)
+    assert torch.isnan(C.fused_ce_(logits.clone(), targets, -1, 200))
+
+
 def test_invalid_target_raises_or_marks_nan():
     logits, targets = make(5, 40, 48, torch.float32, ignore_frac=0.0)
     targets[2] = 40  # a padded column is not a valid target
@@ -237,6 +262,21 @@ def test_torch_compile_aot_eager():
     fn(x, targets).backward()
     loss64, grad64 = ce64(logits, targets, -1, 100)
     torch.testing.assert_close(x.grad.double(), grad64 * 3.0, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype, grad_output", [(torch.float16, 65536.0), (torch.bfloat16, 1 / 3)])
+def test_compiled_backward_scales_in_fp32(dtype, grad_output):
+    """Traced backward: dlogits * grad_output in fp32, rounded once, as the eager kernel does. It used to
+    round grad_output to the logits' dtype first: a GradScaler's 65536 became inf in fp16, 1/3 was off in bf16."""
+    logits, targets = make(8, 64, 64, dtype)
+    grads = []
+    for fn in (lambda x: C.cross_entropy(x, targets, -1, 64) * grad_output,
+               torch.compile(lambda x: C.cross_entropy(x, targets, -1, 64) * grad_output, backend="aot_eager")):
+        x = logits.clone().requires_grad_()
+        fn(x).backward()
+        grads.append(x.grad)
+    assert torch.isfinite(grads[1]).all()
+    assert torch.equal(grads[0], grads[1])
 
 
 # ---- toolchain ------------------------------------------------------------------------------------

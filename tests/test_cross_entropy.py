@@ -140,6 +140,16 @@ def test_nan_and_bad_target_raise(device):
         ce.cross_entropy(logits, targets)
 
 
+def test_strided_targets(device):
+    """targets as a strided view (a column of a (N, 2) tensor): the kernel read them with unit stride."""
+    logits, targets = make(6, 32, 32, torch.float32, device)
+    pairs = torch.stack([torch.zeros_like(targets), targets], dim=1)
+    strided = pairs[:, 1]
+    assert not strided.is_contiguous()
+    assert torch.equal(ce.cross_entropy(logits, strided), ce.cross_entropy(logits, targets))
+    torch.testing.assert_close(ce.cross_entropy(logits, strided), R.cross_entropy(logits, targets), rtol=1e-6, atol=1e-6)
+
+
 def test_bad_input(device):
     logits, targets = make(4, 20, 20, torch.float32, device)
     with pytest.raises(ValueError, match="float32, bfloat16, float16"):

@@ -147,6 +147,43 @@ def test_never_holds_more_than_a_chunk(monkeypatch, device):
     assert seen == [(10, 24), (10, 24), (3, 24)]
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_fp16_weight_gradient_does_not_overflow(backend, device):
+    """dW summed over 8192 rows of |h| ~ 10 exceeds fp16's 65504 before the division by the count: it is
+    divided in fp32 before it is rounded into the weight's dtype (it used to come back as -inf)."""
+    need_backend(backend)
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(8192, 8, generator=g) + 10).half().to(device)
+    weight = (torch.randn(16, 8, generator=g) * 0.01).half().to(device)
+    targets = torch.full((8192,), 3, device=device)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    chunked_linear_cross_entropy(h, w, targets, backend=backend).backward()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    R.cross_entropy(h64 @ w64.t(), targets).backward()
+    assert torch.isfinite(w.grad).all() and w64.grad.abs().max() > 9
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_strided_targets_and_transposed_hidden(backend, device):
+    """Targets as a strided view (the cuda kernel refused them, the Triton one read them wrongly), and a
+    transposed hidden under torch.compile (the real op's dh kept hidden's layout, the fake's did not)."""
+    need_backend(backend)
+    hidden_t, weight = torch.randn(8, 16, device=device), torch.randn(32, 8, device=device)
+    targets = torch.randint(0, 32, (16, 2), device=device)[:, 1]
+    assert not targets.is_contiguous()
+    want = R.cross_entropy(hidden_t.t() @ weight.t(), targets)
+    f = lambda h, w: chunked_linear_cross_entropy(h.t(), w, targets, backend=backend, chunk_rows=5) * 2.0  # noqa: E731
+    grads = []
+    for fn in (f, torch.compile(f, backend="inductor" if device == "cpu" else "aot_eager")):
+        h, w = hidden_t.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = fn(h, w)
+        torch.testing.assert_close(loss, want * 2.0, rtol=1e-5, atol=1e-5)
+        loss.backward()
+        grads.append(h.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
 def test_errors(device):
     hidden, weight, targets = make(6, 8, 10, 10, torch.float32, device, ignore_frac=0.0)
     with pytest.raises(ValueError, match="same dtype"):

@@ -7,7 +7,8 @@
 Shard file `<name>_<split>_<index:06d>.bin`: a 32-byte header, then uint16 little-endian GPT-2 token
 ids. Header: magic b"GPT2SHRD", uint32 version (1), uint64 token count, 12 reserved zero bytes. The
 header lets the loader reject a wrong file (magic/version) and a truncated one (size != header +
-2 * count) before training touches it. Every document starts with <|endoftext|> (50256).
+2 * count) before training touches it. Every document starts with <|endoftext|> (50256). Preparing
+refuses a folder that already holds shards of the same name (old and new shards would mix).
 
 Loader: each shard is cut into sequences of T+1 tokens starting at multiples of T (x = tok[i*T:
 (i+1)*T], y shifted by one). An epoch visits every sequence once: the shard order and the order of
@@ -28,8 +29,10 @@ import functools
 import hashlib
 import numbers
 import os
+import re
 import struct
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -123,12 +126,19 @@ def _chunked_max(a, chunk=1 << 24):
     return max((int(a[i:i + chunk].max()) for i in range(0, len(a), chunk)), default=-1)
 
 
+def _shard_name(name=".+", split="train|val"):
+    """Regex of the file names `<name>_<split>_<index>.bin` (name and split are regexes), anchored at both
+    ends: the split is the word before the index, so a dataset called e.g. `hamlet_train` is no train split."""
+    return re.compile(rf"^{name}_({split})_\d{{6,}}\.bin$")
+
+
 def shard_paths(directory, split):
-    """The `*_<split>_*.bin` shards of a folder, sorted. Raises ShardError when there are none."""
+    """The `<name>_<split>_<index>.bin` shards of a folder, sorted. Raises ShardError when there are none."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ShardError(f"{directory}: not a directory of token shards")
-    paths = sorted(p for p in directory.glob(f"*_{split}_*.bin"))
+    pattern = _shard_name(split=re.escape(split))
+    paths = sorted(p for p in directory.iterdir() if pattern.match(p.name))
     if not paths:
         raise ShardError(f"{directory}: no *_{split}_*.bin shards (make them with `python -m gpt2.data ...`)")
     return paths
@@ -342,14 +352,34 @@ def shakespeare_path():
     digest = hashlib.sha256(body).hexdigest()
     if digest != SHAKESPEARE_SHA256:
         raise DownloadError(f"{SHAKESPEARE_URL}: sha256 {digest} != expected {SHAKESPEARE_SHA256}; nothing saved; {local}")
-    tmp = str(target) + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(body)
-    os.replace(tmp, target)
+    # Every DDP rank may download at once: each writes its own temp file (a shared name would be renamed
+    # away under another rank) and renames it over the target; the copies are identical (checked above).
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(body)
+        os.replace(tmp, target)
+    except OSError:
+        if not target.is_file():  # else another process saved it first: that copy is the same text
+            raise
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing left after the rename
     return str(target)
 
 
 # ---- preparing shards --------------------------------------------------------------------------
+
+def refuse_existing_shards(out, name):
+    """Shards are never added to those of an earlier preparation (old higher-numbered shards would stay
+    and mix in): ShardError when `out` already holds shards named `name`."""
+    out = Path(out)
+    pattern = _shard_name(re.escape(name))
+    existing = sorted(p.name for p in out.iterdir() if pattern.match(p.name)) if out.is_dir() else []
+    if existing:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise ShardError(f"{out} already holds {len(existing)} shard(s) named {name!r} ({shown}): new shards would "
+                         "mix with them; remove them first, or write to another folder")
+
 
 class ShardWriter:
     """Accumulates token arrays and writes `<name>_<split>_<index>.bin` shards of `shard_tokens`."""
@@ -393,6 +423,7 @@ def prepare_text(files, out, name="text", val_fraction=0.1, blank_lines=False, s
     if not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool) or not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be > 0 and < 1 (the last fraction of the tokens is the val split), got {val_fraction!r}")
     _check_count("shard_tokens", shard_tokens)  # before the tokenizing, not at the first ShardWriter
+    refuse_existing_shards(out, name)
     docs = []
     for path in files:
         with open(path, encoding="utf-8") as f:
@@ -417,6 +448,7 @@ def prepare_documents(texts, out, name, shard_tokens=SHARD_TOKENS, max_shards=No
 
     from tqdm import tqdm
 
+    refuse_existing_shards(out, name)
     workers = workers or max(1, (os.cpu_count() or 2) // 2)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc=name)
     writer = ShardWriter(out, name, shard_tokens, split_of=lambda i: "val" if i == 0 else "train", max_shards=max_shards, progress=bar)
@@ -434,13 +466,15 @@ def prepare_documents(texts, out, name, shard_tokens=SHARD_TOKENS, max_shards=No
 def prepare_fineweb(out, shards=None, sample="10BT", shard_tokens=SHARD_TOKENS, workers=None):
     _check_count("shards", shards, none_means="the whole sample")  # before the download starts
     _check_count("shard_tokens", shard_tokens)
+    name = "edufineweb"
+    refuse_existing_shards(out, name)  # before the download starts
     try:
         from datasets import load_dataset
     except ImportError as e:
         raise ImportError('FineWeb-Edu needs the `datasets` package: pip install -e ".[data]"') from e
     ds = load_dataset("HuggingFaceFW/fineweb-edu", name=f"sample-{sample}", split="train", streaming=True)
     total = shards * shard_tokens if shards else None
-    return prepare_documents((row["text"] for row in ds), out, "edufineweb", shard_tokens, shards, workers, total)
+    return prepare_documents((row["text"] for row in ds), out, name, shard_tokens, shards, workers, total)
 
 
 def _open_fraction(text):

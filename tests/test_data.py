@@ -285,3 +285,84 @@ def test_prep_functions_reject_bad_sizes(tmp_path):
     b.write_text("hi")  # 2 tokens: 10% of them rounds to no val token at all
     with pytest.raises(ValueError, match="both splits need at least one token"):
         D.prepare_text([b], tmp_path / "out")
+
+
+def test_split_is_the_word_before_the_index(tmp_path):
+    """The split glob `*_train_*.bin` also matched `hamlet_train_val_000000.bin`: the train split of a
+    dataset named `hamlet_train` read its val shard too."""
+    shard(tmp_path, np.arange(100), "hamlet_train_train_000000.bin")
+    shard(tmp_path, np.arange(100), "hamlet_train_val_000000.bin")
+    shard(tmp_path, np.arange(100), "notes_val_train_000001.bin")
+    shard(tmp_path, np.arange(100), "x_train_1.bin")  # not an index of 6 digits: not a shard name
+    assert [p.name for p in D.shard_paths(tmp_path, "train")] == ["hamlet_train_train_000000.bin", "notes_val_train_000001.bin"]
+    assert [p.name for p in D.shard_paths(tmp_path, "val")] == ["hamlet_train_val_000000.bin"]
+
+
+def test_preparing_into_a_folder_with_shards_of_that_name_is_refused(tmp_path):
+    """A second preparation into the same folder used to keep the first one's higher-numbered shards,
+    mixing two corpora; now it is refused before anything is written."""
+    a = tmp_path / "a.txt"
+    a.write_text("hello world, this is some text. " * 400)
+    out = tmp_path / "shards"
+    first = D.prepare_text([a], out, shard_tokens=500)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    a.write_text("completely different corpus now. " * 100)
+    with pytest.raises(D.ShardError, match=r"already holds \d+ shard\(s\) named 'text' \(text_train_000000.bin") as e:
+        D.prepare_text([a], out, shard_tokens=5000)
+    assert str(out) in str(e.value)
+    with pytest.raises(D.ShardError, match="already holds"):
+        D.prepare_documents(iter(["doc"]), out, "text", shard_tokens=100, workers=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and len(first) == len(before)
+    assert [p.name for p in D.prepare_text([a], out, name="other", shard_tokens=5000)] == [
+        "other_train_000000.bin", "other_val_000000.bin"]  # another name in the same folder is fine
+    with pytest.raises(SystemExit) as e:  # the CLI: one error line
+        D.main(["text", str(a), "--out", str(out), "--shard-tokens", "5000"])
+    assert e.value.code == 1
+
+
+def test_concurrent_shakespeare_downloads_both_succeed(tmp_path, monkeypatch):
+    """Every DDP rank calls shakespeare_path(): two downloads finishing together wrote one shared
+    `.tmp` name, so one rank's rename found no file (FileNotFoundError)."""
+    import threading
+    import urllib.request
+
+    body = b"ROMEO: hi\n" * 100
+    monkeypatch.setattr(D, "SHAKESPEARE_SHA256", __import__("hashlib").sha256(body).hexdigest())
+    monkeypatch.setenv("GPT2_DATA_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+    class Response:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return body
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: Response())
+    both_written = threading.Barrier(2, timeout=20)
+    real_replace = os.replace
+
+    def replace_together(src, dst):  # both ranks have written their temp file before either renames it
+        both_written.wait()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_together)
+    results = []
+
+    def rank():
+        try:
+            results.append(D.shakespeare_path())
+        except Exception as e:  # noqa: BLE001 (reported below)
+            results.append(e)
+
+    threads = [threading.Thread(target=rank) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    target = tmp_path / "xdg" / "gpt2-kernel-lab" / "tinyshakespeare.txt"
+    assert results == [str(target)] * 2, results
+    assert target.read_bytes() == body and [p.name for p in target.parent.iterdir()] == ["tinyshakespeare.txt"]

@@ -21,21 +21,31 @@ then reported as unknown, never guessed; pass peak_flops (--peak-flops) to set i
 import re
 
 # name pattern (searched in torch.cuda.get_device_name()) -> {dtype: dense peak FLOP/s}.
-# Order matters: the first match wins (H100 PCIe/NVL before plain H100, A100 before A10).
+# Order matters: the first match wins (H100 PCIe/NVL before plain H100). Patterns are anchored on word
+# boundaries (an "RTX A1000" is not an A100, a "GB200" not a B200, an "H20" not an H200), and the GeForce
+# cards at the end of the name ("RTX 3090 Ti", "RTX 4090 D" are other chips). A name this table does not
+# list gives None, never a neighbour's figure: see peak_flops for laptop / mobile parts and MIG slices.
+# GB200 is left out on purpose: its GPU is not run at a B200's power and clocks, and its dense bf16
+# figure per GPU is not confirmed here (None; pass --peak-flops).
 PEAK_FLOPS = [
-    (r"H100.*PCIe", {"bfloat16": 756e12, "float32": 378e12}),
-    (r"H100 NVL", {"bfloat16": 835e12, "float32": 417.5e12}),
-    (r"H100|GH200", {"bfloat16": 989.4e12, "float32": 494.7e12}),  # SXM ("H100 80GB HBM3")
-    (r"H200 NVL", {"bfloat16": 835e12, "float32": 417.5e12}),
-    (r"H200", {"bfloat16": 989.4e12, "float32": 494.7e12}),
-    (r"B200", {"bfloat16": 2250e12, "float32": 1100e12}),
-    (r"A100", {"bfloat16": 312e12, "float32": 156e12}),  # 40 GB and 80 GB, SXM and PCIe
-    (r"L40S", {"bfloat16": 362e12, "float32": 183e12}),
+    (r"\bH100\b.*\bPCIe\b", {"bfloat16": 756e12, "float32": 378e12}),
+    (r"\bH100 NVL\b", {"bfloat16": 835e12, "float32": 417.5e12}),
+    (r"\bH100\b|\bGH200\b", {"bfloat16": 989.4e12, "float32": 494.7e12}),  # SXM ("H100 80GB HBM3")
+    (r"\bH200 NVL\b", {"bfloat16": 835e12, "float32": 417.5e12}),
+    (r"\bH200\b", {"bfloat16": 989.4e12, "float32": 494.7e12}),
+    (r"\bB200\b", {"bfloat16": 2250e12, "float32": 1100e12}),
+    (r"\bA100\b", {"bfloat16": 312e12, "float32": 156e12}),  # 40 GB and 80 GB, SXM and PCIe
+    (r"\bL40S\b", {"bfloat16": 362e12, "float32": 183e12}),
     (r"\bL4\b", {"bfloat16": 121e12, "float32": 60e12}),
     (r"\bA10\b", {"bfloat16": 125e12, "float32": 62.5e12}),
-    (r"RTX 4090", {"bfloat16": 165.2e12, "float32": 82.6e12}),  # bf16 with fp32 accumulate
-    (r"RTX 3090", {"bfloat16": 71e12, "float32": 35.6e12}),
+    (r"\bRTX 4090\s*$", {"bfloat16": 165.2e12, "float32": 82.6e12}),  # bf16 with fp32 accumulate
+    (r"\bRTX 3090\s*$", {"bfloat16": 71e12, "float32": 35.6e12}),
 ]
+
+# Laptop / mobile parts share a desktop part's name with far lower clocks and power: None unless a
+# pattern above names them itself. A MIG slice has a fraction of the SMs: None.
+_MOBILE = re.compile(r"\b(Laptop|Mobile|Max-Q)\b", re.IGNORECASE)
+_MIG = re.compile(r"\bMIG\b")
 
 
 def matmul_params(config):
@@ -55,7 +65,12 @@ def peak_flops(device_name, dtype="bfloat16"):
     if not device_name:
         return None
     dtype = str(dtype).replace("torch.", "")
+    mobile = bool(_MOBILE.search(device_name))
+    if _MIG.search(device_name):
+        return None
     for pattern, peaks in PEAK_FLOPS:
+        if mobile and not _MOBILE.search(pattern):
+            continue
         if re.search(pattern, device_name):
             return peaks.get(dtype)
     return None

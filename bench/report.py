@@ -11,17 +11,25 @@ ms_graph_p20, ms_graph_p80 and graph {calls, input_sets, replays} (device-only, 
 graph_reason (why not), timing_basis ("graph" | "do_bench": the time that gbps, tflops and
 pct_of_limit use), bytes, flops, gbps, tflops, bound, pct_of_limit, peak_mem_bytes, and for ours
 speedup {baseline: x} with speedup_basis {baseline: "graph" | "do_bench"}.
-Schema 1 (no graph timings) still loads; --compare uses ms_graph where both files have it.
+Schema 3: gbps, tflops and pct_of_limit may be null with pct_reason, speedup and speedup_basis null
+with speedup_reason (the fwd and bwd rows of a provider that computes the gradient in its forward:
+only its fwd+bwd compares); peak_mem_bytes of a bwd row is the backward alone, above what an untimed
+forward left allocated (settings.peak_mem; schema 2 measured fwd+bwd there).
+Schemas 1 (no graph timings) and 2 still load; --compare uses ms_graph where both files have it.
 """
 import json
 import math
 
-SCHEMA = "gpt2-kernel-lab/bench/2"
-OLD_SCHEMAS = ("gpt2-kernel-lab/bench/1",)  # read (validate, --compare), never written
+SCHEMA = "gpt2-kernel-lab/bench/3"
+OLD_SCHEMAS = ("gpt2-kernel-lab/bench/1", "gpt2-kernel-lab/bench/2")  # read (validate, --compare), never written
 KINDS = ("gpu", "e2e", "cpu", "static")
 ENV_KEYS = ("gpu", "driver", "torch", "triton", "cuda", "python", "git_commit", "date")
 ROW_KEYS = ("op", "variant", "mode", "provider", "role", "status")
-ROW_OK_KEYS = ("ms", "ms_p20", "ms_p80", "bytes", "flops", "gbps", "tflops", "pct_of_limit", "bound")
+ROW_OK_KEYS = ("ms", "ms_p20", "ms_p80", "bytes", "flops", "gbps", "tflops", "pct_of_limit", "bound", "peak_mem_bytes")
+ROW_OK_KEYS_GRAPHS = ("timing_basis",)  # schema 2 on
+OURS_OK_KEYS = ("speedup",)
+OURS_OK_KEYS_GRAPHS = ("speedup_basis",)  # schema 2 on
+BASES = ("graph", "do_bench")
 E2E_KEYS = ("name", "spec", "compile", "status")
 E2E_OK_KEYS = ("tokens_per_sec", "mfu", "peak_mem_bytes", "loss", "steps_measured")
 SLOWER = 1.05  # --compare flags anything more than 5% slower
@@ -34,7 +42,8 @@ def validate(doc):
         return ["document is not a JSON object"]
     if doc.get("schema") != SCHEMA and doc.get("schema") not in OLD_SCHEMAS:
         p.append(f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
-    v2 = doc.get("schema") == SCHEMA
+    version = _version(doc.get("schema"))
+    v2 = version >= 2  # graph timings: timing_basis, speedup_basis, ms_graph or graph_reason
     if doc.get("kind") not in KINDS:
         p.append(f"kind {doc.get('kind')!r} not in {KINDS}")
     env = doc.get("env")
@@ -51,7 +60,8 @@ def validate(doc):
         where = f"rows[{i}] ({r.get('op')} {r.get('variant')} {r.get('mode')} {r.get('provider')})"
         p += [f"{where}: {k} missing" for k in ROW_KEYS if k not in r]
         if r.get("status") == "ok":
-            p += [f"{where}: {k} missing" for k in ROW_OK_KEYS if k not in r]
+            p += [f"{where}: {k} missing" for k in ROW_OK_KEYS + (ROW_OK_KEYS_GRAPHS if v2 else ()) if k not in r]
+            p += _check_rates_and_speedups(r, where, version)
             ms, lo, hi = r.get("ms"), r.get("ms_p20"), r.get("ms_p80")
             if not all(_positive(x) for x in (ms, lo, hi)) or not lo <= ms <= hi:
                 p.append(f"{where}: need 0 < ms_p20 <= ms <= ms_p80, got {lo}, {ms}, {hi}")
@@ -77,6 +87,48 @@ def validate(doc):
                 p.append(f"{where}: tokens_per_sec must be positive")
         elif not r.get("reason"):
             p.append(f"{where}: status {r.get('status')!r} without a reason")
+    return p
+
+
+def _version(schema):
+    """1, 2, 3... from "gpt2-kernel-lab/bench/N"; 0 if unknown."""
+    head, _, n = str(schema).rpartition("/")
+    return int(n) if head == "gpt2-kernel-lab/bench" and n.isdigit() else 0
+
+
+def _number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_rates_and_speedups(r, where, version):
+    """An ok row's rates, timing basis, peak memory and (ours) speedups: numbers, or (schema 3) null
+    with a reason."""
+    p = []
+    v2, v3 = version >= 2, version >= 3
+    if v2 and "timing_basis" in r and r["timing_basis"] not in BASES:
+        p.append(f"{where}: timing_basis {r['timing_basis']!r} not in {BASES}")
+    if "peak_mem_bytes" in r and not (_number(r["peak_mem_bytes"]) or r["peak_mem_bytes"] is None):
+        p.append(f"{where}: peak_mem_bytes must be a number, got {r['peak_mem_bytes']!r}")
+    rates = [k for k in ("gbps", "tflops", "pct_of_limit") if k in r]
+    nulls = [k for k in rates if r[k] is None]
+    if nulls and not (v3 and r.get("pct_reason")):
+        p.append(f"{where}: {', '.join(nulls)} null without pct_reason" + ("" if v3 else " (schema 3 only)"))
+    p += [f"{where}: {k} must be a number, got {r[k]!r}" for k in rates if r[k] is not None and not _number(r[k])]
+    if r.get("role") != "ours":
+        return p
+    p += [f"{where}: {k} missing (ours)" for k in OURS_OK_KEYS + (OURS_OK_KEYS_GRAPHS if v2 else ()) if k not in r]
+    sp, basis = r.get("speedup"), r.get("speedup_basis")
+    if "speedup" in r and sp is None:
+        if not (v3 and r.get("speedup_reason")):
+            p.append(f"{where}: speedup null without speedup_reason" + ("" if v3 else " (schema 3 only)"))
+        if v2 and basis is not None:
+            p.append(f"{where}: speedup null but speedup_basis is {basis!r}")
+    elif "speedup" in r:
+        if not isinstance(sp, dict) or not all(_positive(x) for x in sp.values()):
+            p.append(f"{where}: speedup must map baselines to positive numbers, got {sp!r}")
+        elif v2 and "speedup_basis" in r and (not isinstance(basis, dict) or set(basis) != set(sp)
+                                               or not set(basis.values()) <= set(BASES)):
+            p.append(f"{where}: speedup_basis {basis!r} must give {BASES} for each baseline of speedup")
     return p
 
 
@@ -116,7 +168,9 @@ def markdown(doc):
                    "are not re-read from L2). GB/s, TFLOP/s, % of limit and speedups use ms_graph when the row "
                    "has it, else ms (marked *). % = achieved GB/s (memory-bound) or TFLOP/s (compute-bound) of "
                    "the measured limit, against the op's ideal bytes / FLOPs. The fused losses (cross_entropy, "
-                   "linear_cross_entropy) compute their gradient in the forward: compare them on fwd+bwd.")
+                   "linear_cross_entropy) compute their gradient in the forward: their fwd and bwd rows show "
+                   "times only (n/a), compare them on fwd+bwd. peak MiB: allocated above the inputs during one "
+                   "call; bwd: the backward alone, above what the forward before it left allocated.")
     groups = {}
     for r in doc.get("rows", []):
         groups.setdefault((r["op"], r["variant"]), []).append(r)
@@ -124,21 +178,33 @@ def markdown(doc):
         out += ["", f"**{op}** {variant}", "",
                 "| mode | provider | ms (do_bench) | ms_graph | GB/s | TFLOP/s | % limit | peak MiB | speedup vs baselines |",
                 "|---|---|---|---|---|---|---|---|---|"]
+        reasons = []
         for r in rows:
             if r["status"] != "ok":
                 out.append(f"| {r['mode']} | {r['provider']} | {r['status']}: {_short(r.get('reason'))} | | | | | | |")
                 continue
             star = "" if r.get("timing_basis") == "graph" else "*"
-            sp = ", ".join(f"{b} {x:.2f}x" + ("" if (r.get("speedup_basis") or {}).get(b) == "graph" else "*")
-                           for b, x in (r.get("speedup") or {}).items())
-            tf = f"{r['tflops']:.1f}{star}" if r.get("flops") else "-"
+            if r.get("speedup") is None and r.get("speedup_reason"):
+                sp = "n/a"
+            else:
+                sp = ", ".join(f"{b} {x:.2f}x" + ("" if (r.get("speedup_basis") or {}).get(b) == "graph" else "*")
+                               for b, x in (r.get("speedup") or {}).items())
+            if r.get("pct_of_limit") is None:
+                gb = tf = pct = "n/a"
+            else:
+                gb, pct = f"{r['gbps']:.0f}{star}", f"{r['pct_of_limit']:.0f}%{star}"
+                tf = f"{r['tflops']:.1f}{star}" if r.get("flops") else "-"
+            for reason in (r.get("pct_reason"), r.get("speedup_reason")):
+                if reason and reason not in reasons:
+                    reasons.append(reason)
             mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
             if "ms_graph" in r:
                 g = f"{r['ms_graph']:.3f} [{r['ms_graph_p20']:.3f}, {r['ms_graph_p80']:.3f}]"
             else:
                 g = "- " + _short(r.get("graph_reason"), 60) if r.get("graph_reason") else "-"
             out.append(f"| {r['mode']} | {r['provider']} | {r['ms']:.3f} [{r['ms_p20']:.3f}, {r['ms_p80']:.3f}] | {g} "
-                       f"| {r['gbps']:.0f}{star} | {tf} | {r['pct_of_limit']:.0f}%{star} | {mem} | {sp} |")
+                       f"| {gb} | {tf} | {pct} | {mem} | {sp} |")
+        out += [f"n/a: {reason}" for reason in reasons]
     if doc.get("e2e"):
         out += ["", e2e_markdown(doc["e2e"])]
     return "\n".join(out)
@@ -166,38 +232,88 @@ def _short(text, n=100):
 
 # ---- plots -------------------------------------------------------------------------------------
 
-def plots(doc, stem):
-    """stem_speedup.png (ours vs the fastest baseline, per op and mode) and stem_roofline.png (fraction
-    of the measured limit, per provider). Returns the paths written."""
+def _label(r):
+    return f"{r['op']} {r['variant']} {r['mode']}"
+
+
+def strongest_baseline(r):
+    """(baseline, speedup, basis, stronger_elsewhere) for an ours row: the strongest baseline (lowest
+    speedup) among those compared on our row's own timing basis (device-only graph times when ours has
+    one); only when there is none (every baseline fell back to do_bench), the strongest of the rest, with
+    basis "do_bench". stronger_elsewhere: {baseline: speedup} of the baselines left out (compared on
+    another basis) that look stronger still, to be said next to the bar. None when the row has no
+    speedups (none ran, or not comparable)."""
+    sp = r.get("speedup") or {}
+    if not sp:
+        return None
+    basis = r.get("speedup_basis") or {}
+    own = r.get("timing_basis", "do_bench")
+    pool = {b: x for b, x in sp.items() if basis.get(b, "do_bench") == own} or sp
+    best = min(pool, key=pool.get)
+    elsewhere = {b: x for b, x in sp.items() if b not in pool and x < pool[best]}
+    return best, pool[best], basis.get(best, "do_bench"), elsewhere
+
+
+def speedup_bars(doc):
+    """(labels, providers, value, note, hatched) of the speedup plot: per op, variant and mode, each of
+    ours against strongest_baseline; rows with speedup null (fwd, bwd of the fused losses) are left out,
+    so those ops show fwd+bwd only. note: "vs <baseline>" (and any stronger-looking baseline that
+    could only be compared on do_bench); hatched: bars on do_bench's (host-inclusive) times."""
+    labels, value, note, hatched = [], {}, {}, set()
+    rows = [r for r in doc.get("rows", []) if r["status"] == "ok" and r["role"] == "ours"]
+    for r in rows:
+        best = strongest_baseline(r)
+        if best is None:
+            continue
+        label, (name, x, basis, elsewhere) = _label(r), best
+        if label not in labels:
+            labels.append(label)
+        value[(label, r["provider"])] = x
+        note[(label, r["provider"])] = f"vs {name}" + (" (do_bench)" if basis != "graph" else "") + "".join(
+            f"; {b}: {y:.2f}x on do_bench only" for b, y in elsewhere.items())
+        if basis != "graph":
+            hatched.add((label, r["provider"]))
+    providers = sorted({p for _, p in value})
+    return labels, providers, value, note, hatched
+
+
+def roofline_bars(doc):
+    """(labels, providers, value) of the roofline plot: pct_of_limit / 100 per row; an op, variant and
+    mode with any not-comparable row (pct_of_limit null) is left out whole (the fused losses: fwd+bwd only)."""
     rows = [r for r in doc.get("rows", []) if r["status"] == "ok"]
-    if not rows:
+    skip = {_label(r) for r in rows if r.get("pct_of_limit") is None}
+    rows = [r for r in rows if _label(r) not in skip]
+    labels = list(dict.fromkeys(_label(r) for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    return labels, providers, {(_label(r), r["provider"]): r["pct_of_limit"] / 100 for r in rows}
+
+
+def plots(doc, stem):
+    """stem_speedup.png (ours vs the strongest baseline on the same timing basis, per op and mode) and
+    stem_roofline.png (fraction of the measured limit, per provider). Returns the paths written."""
+    if not any(r["status"] == "ok" for r in doc.get("rows", [])):
         return []
     gpu = doc["env"]["gpu"]
-    labels, speed = [], {}
-    ours = sorted({r["provider"] for r in rows if r["role"] == "ours"})
-    for r in rows:
-        if r["role"] == "ours" and r.get("speedup"):
-            label = f"{r['op']} {r['variant']} {r['mode']}"
-            if label not in labels:
-                labels.append(label)
-            speed[(label, r["provider"])] = min(r["speedup"].values())  # vs the fastest baseline
     paths = []
+    labels, ours, speed, note, hatched = speedup_bars(doc)
     if labels:
         paths.append(_grouped_barh(f"{stem}_speedup.png", labels, ours, speed, 0.35,
-                                   "speedup vs the fastest baseline (x)",
-                                   f"Our kernels vs the strongest baseline\n{gpu}"))
-    labels = list(dict.fromkeys(f"{r['op']} {r['variant']} {r['mode']}" for r in rows))
-    provs = list(dict.fromkeys(r["provider"] for r in rows))
-    frac = {(f"{r['op']} {r['variant']} {r['mode']}", r["provider"]): r["pct_of_limit"] / 100 for r in rows}
-    paths.append(_grouped_barh(f"{stem}_roofline.png", labels, provs, frac, 0.25,
-                               "fraction of the measured limit (copy GB/s or bf16 matmul TFLOP/s) at the ideal "
-                               "bytes / FLOPs", f"Fraction of roofline\n{gpu}"))
+                                   "speedup vs the strongest baseline timed the same way (x); hatched: "
+                                   "do_bench times (host-inclusive), no graph-timed baseline",
+                                   f"Our kernels vs the strongest baseline (fused losses: fwd+bwd only)\n{gpu}",
+                                   note=note, hatched=hatched))
+    labels, provs, frac = roofline_bars(doc)
+    if labels:
+        paths.append(_grouped_barh(f"{stem}_roofline.png", labels, provs, frac, 0.25,
+                                   "fraction of the measured limit (copy GB/s or bf16 matmul TFLOP/s) at the ideal "
+                                   "bytes / FLOPs", f"Fraction of roofline\n{gpu}"))
     return paths
 
 
-def _grouped_barh(path, labels, groups, value, row_height, xlabel, title):
+def _grouped_barh(path, labels, groups, value, row_height, xlabel, title, note=None, hatched=()):
     """Horizontal bars: one row per label, one bar per group in it (value[(label, group)], 0 if absent),
-    a line at 1.0. Writes `path` and returns it."""
+    a line at 1.0; note[(label, group)]: text at the bar's end; hatched: (label, group) bars drawn
+    hatched. Writes `path` and returns it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,8 +322,14 @@ def _grouped_barh(path, labels, groups, value, row_height, xlabel, title):
     fig, ax = plt.subplots(figsize=(10, row_height * len(labels) * max(1, len(groups)) + 1.5))
     h = 0.8 / max(1, len(groups))
     for j, group in enumerate(groups):
-        ax.barh([i + j * h for i in range(len(labels))], [value.get((lab, group), 0) for lab in labels],
-                height=h, label=group)
+        ys = [i + j * h for i in range(len(labels))]
+        xs = [value.get((lab, group), 0) for lab in labels]
+        bars = ax.barh(ys, xs, height=h, label=group)
+        for bar, lab, x, y in zip(bars, labels, xs, ys):
+            if (lab, group) in hatched:
+                bar.set_hatch("//")
+            if note and (lab, group) in note:
+                ax.text(x, y, " " + note[(lab, group)], va="center", fontsize=6)
     ax.axvline(1.0, color="k", lw=0.8)
     ax.set_yticks([i + 0.4 - h / 2 for i in range(len(labels))], labels, fontsize=7)
     ax.invert_yaxis()

@@ -14,8 +14,10 @@ same method in `bench_backward`, a fresh untimed forward before each timed backw
 includes host launch time for small ops (Python, custom-op dispatch, autograd), so each mode is also
 timed device-only with CUDA-graph replay (`time_graph`): `ms_graph`, or `graph_reason` when the
 calls cannot be captured (an op that syncs the host). Each row relates its time (ms_graph when
-there is one) to the op's ideal bytes (GB/s) or FLOPs (TFLOP/s) and to the measured limit. A
-provider that cannot run is listed with its reason. --e2e rewrites its JSON after every run.
+there is one) to the op's ideal bytes (GB/s) or FLOPs (TFLOP/s) and to the measured limit, except the
+fwd and bwd rows of a provider that computes the gradient in its forward (specs.Bench.grad_in_fwd: null
+rates and speedups with a reason; compare those on fwd+bwd). A provider that cannot run is listed with
+its reason. --e2e rewrites its JSON after every run.
 Results: <out>/<date>_<gpu>_<kind>.json plus PNG
 plots (default out: bench/results/) and a markdown table on the console.
 """
@@ -254,8 +256,9 @@ def _prepare(b, fn, device):
 
 
 def time_row(b, mode, fn, rep, clock, graphs=True):
-    """Timings of one mode of one provider: do_bench's ms, ms_p20, ms_p80 (+ peak_mem_bytes above the
-    inputs), and, with `graphs`, the CUDA-graph replay time (ms_graph...) or why there is none."""
+    """Timings of one mode of one provider: do_bench's ms, ms_p20, ms_p80, peak_mem_bytes (PEAK_MEM_NOTE:
+    for "bwd", the backward alone after an untimed forward), and, with `graphs`, the CUDA-graph replay
+    time (ms_graph...) or why there is none."""
     forward, dy, leaves = _prepare(b, fn, clock.device)
 
     def run():
@@ -263,10 +266,16 @@ def time_row(b, mode, fn, rep, clock, graphs=True):
             return forward()
         _backward(forward(), dy)
     clock.sync()
+    out = forward() if mode == "bwd" else None  # bwd: the forward's output and saved tensors are the base
+    clock.sync()
     base = clock.memory_allocated()
     clock.reset_peak()
-    run()
+    if mode == "bwd":
+        _backward(out, dy)
+    else:
+        run()
     clock.sync()
+    del out
     res = {"peak_mem_bytes": clock.max_memory_allocated() - base}
     for t in leaves:
         t.grad = None
@@ -349,7 +358,9 @@ def time_graph(b, mode, fn, clock, ms_hint, rep):
     are not re-read from it. fwd: the forward with autograd recording (as in training); fwd+bwd: both
     captured together; bwd: n forwards run eagerly before capture (their graphs kept alive), the
     capture holds only the n backwards (retain_graph=True keeps the saved tensors; each graph's
-    backward is captured once); step (AdamW): the optimizer step."""
+    backward is captured once; torch.compile baselines are built without donated buffers, which refuse
+    retain_graph: specs.no_donated_buffers); step (AdamW): the optimizer step (the AdamW baselines are
+    capturable=True)."""
     k = input_sets(b, mode, clock.l2_bytes)
     n = max(1, min(GRAPH_MAX_CALLS, round(GRAPH_TARGET_MS / max(ms_hint, 1e-4))))
     sets = [_prepare(b, fn, clock.device) for _ in range(k)]
@@ -445,16 +456,17 @@ def run_gpu(args, clock=None, limits=None):
                     else:
                         if args.no_graphs:
                             res["graph_reason"] = "not measured (--no-graphs)"
-                        row.update(_metrics(b, mode, res, limits))
+                        row.update(_metrics(b, mode, res, limits, name))
                     row["wall_s"] = round(time.time() - t0, 1)
                     clock.empty_cache()
                 group.append(row)
                 _progress(row)
-            _speedups(group)
+            _speedups(group, b)
             rows += group
     doc = {"schema": report.SCHEMA, "kind": "gpu", "env": env, "limits": limits, "rows": rows,
            "settings": {"warmup_ms": 25, "rep_ms": args.rep, "quantiles": [0.5, 0.2, 0.8], "quick": args.quick,
-                        "timing": TIMING_NOTE, "graphs": not args.no_graphs, "l2_bytes": clock.l2_bytes}}
+                        "timing": TIMING_NOTE, "peak_mem": PEAK_MEM_NOTE, "graphs": not args.no_graphs,
+                        "l2_bytes": clock.l2_bytes}}
     if clock.__class__ is CudaClock and not args.ops:  # all ops asked for: decode throughput too
         doc["decode"] = decode_rows("cuda", args.quick)
         _print_decode(doc["decode"])
@@ -469,7 +481,13 @@ TIMING_NOTE = (
     "one CUDA graph and replayed back to back between CUDA events, median over replays of time / n; "
     "inputs rotate among `graph.input_sets` copies so >= 2x L2 moves between reuses (no flush inside "
     "the graph); bwd captures only the backwards of forwards run before capture. GB/s, TFLOP/s, "
-    "% of limit and speedups use ms_graph when the row has it (timing_basis), else ms.")
+    "% of limit and speedups use ms_graph when the row has it (timing_basis), else ms. torch.compile "
+    "baselines are built without donated buffers and the AdamW baselines with capturable=True, so that "
+    "they can be captured too; a row that still cannot be says why in graph_reason.")
+PEAK_MEM_NOTE = (
+    "peak_mem_bytes: the peak of torch.cuda.max_memory_allocated during one untimed call, above what was "
+    "allocated just before it: fwd, fwd+bwd and step above the inputs (and optimizer state); bwd is the "
+    "backward alone, above the inputs plus the output and saved tensors of a forward run just before.")
 
 
 def decode_rows(device, quick, models=("tiny", "gpt2")):
@@ -509,21 +527,39 @@ def _print_decode(rows):
         print(f"| {r['model']} | {r.get('batch', '-')} | {r.get('new_tokens', '-')} | {val} |")
 
 
-def _metrics(b, mode, res, limits):
+GRAD_IN_FWD_REASON = ("not comparable: this provider computes the gradient in its forward, so its fwd does "
+                      "the backward's work and its bwd almost none; compare on fwd+bwd")
+
+
+def not_comparable(b, mode, provider):
+    """Why rates (GB/s, TFLOP/s, % of limit) and speedups of this row mean nothing, or None."""
+    return GRAD_IN_FWD_REASON if provider in b.grad_in_fwd and mode in ("fwd", "bwd") else None
+
+
+def _metrics(b, mode, res, limits, provider=None):
     nbytes, nflops = specs.ideal_bytes(b, mode), specs.flops(b, mode)
     basis = "graph" if "ms_graph" in res else "do_bench"
     t = res["ms_graph"] if basis == "graph" else res["ms"]
     gbps, tflops = nbytes / t / 1e6, nflops / t / 1e9
     pct = 100 * (tflops / limits["matmul_tflops"] if b.bound == "compute" else gbps / limits["copy_gbps"])
-    return {"status": "ok", **res, "timing_basis": basis, "bytes": nbytes, "flops": nflops,
-            "gbps": gbps, "tflops": tflops, "bound": b.bound, "pct_of_limit": pct}
+    out = {"status": "ok", **res, "timing_basis": basis, "bytes": nbytes, "flops": nflops,
+           "gbps": gbps, "tflops": tflops, "bound": b.bound, "pct_of_limit": pct}
+    reason = not_comparable(b, mode, provider)
+    if reason:  # timings stay; the rates against this mode's ideal bytes / FLOPs would be wrong
+        out.update(gbps=None, tflops=None, pct_of_limit=None, pct_reason=reason)
+    return out
 
 
-def _speedups(group):
-    """Ours against each baseline on the graph times when both rows have one, else on do_bench's."""
+def _speedups(group, b=None):
+    """Ours against each baseline on the graph times when both rows have one, else on do_bench's; null
+    with speedup_reason for a row that is not comparable (not_comparable)."""
     base = [r for r in group if r["role"] == "baseline" and r["status"] == "ok"]
     for r in group:
         if r["role"] == "ours" and r["status"] == "ok":
+            reason = not_comparable(b, r["mode"], r["provider"]) if b is not None else None
+            if reason:
+                r.update(speedup=None, speedup_basis=None, speedup_reason=reason)
+                continue
             r["speedup"], r["speedup_basis"] = {}, {}
             for x in base:
                 key = "ms_graph" if "ms_graph" in r and "ms_graph" in x else "ms"
@@ -535,7 +571,8 @@ def _progress(r):
     what = f"{r['op']:<20} {r['variant']:<26} {r['mode']:<8} {r['provider']:<11}"
     if r["status"] == "ok":
         g = f"graph {r['ms_graph']:8.3f} ms" if "ms_graph" in r else f"graph: {report._short(r.get('graph_reason'), 80)}"
-        print(f"  {what} {r['ms']:8.3f} ms  {g}  {r['pct_of_limit']:5.1f}% of limit", flush=True)
+        pct = "n/a (compare fwd+bwd)" if r["pct_of_limit"] is None else f"{r['pct_of_limit']:5.1f}% of limit"
+        print(f"  {what} {r['ms']:8.3f} ms  {g}  {pct}", flush=True)
     else:
         print(f"  {what} {r['status']}: {report._short(r['reason'], 140)}", flush=True)
 

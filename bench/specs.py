@@ -12,8 +12,9 @@ backward counts as 2.5x the forward (5 matmuls, one a recompute, as FlashAttenti
 
 Modes: "fwd" runs with autograd on (as in training), "bwd" is the backward alone, "fwd+bwd" both. Our
 fused losses (cross_entropy, linear_cross_entropy) compute the gradient inside the forward when one
-is needed, so their "bwd" is almost free and their "fwd" does the backward's work: compare those ops
-on fwd+bwd.
+is needed, so their "bwd" is almost free and their "fwd" does the backward's work: those providers
+are listed in `Bench.grad_in_fwd`, and their fwd and bwd rows get timings only (no GB/s, TFLOP/s,
+% of limit or speedup: bench/run.py writes null with a reason); compare those ops on fwd+bwd.
 """
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ import kernels
 # Datasheet peaks used by `--static` for floor times (dense bf16 tensor-core FLOP/s, HBM bytes/s).
 CARDS = {
     "H100 SXM": {"bytes_per_s": 3.35e12, "flops_per_s": 989e12},
-    "A100 SXM": {"bytes_per_s": 2.0e12, "flops_per_s": 312e12},
+    "A100 SXM 80GB": {"bytes_per_s": 2.039e12, "flops_per_s": 312e12},  # the 40GB card: 1.555e12 B/s
 }
 
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -35,17 +36,22 @@ class Bench:
     op: str  # the kernels op name (kernels.OPS)
     shape: dict  # named sizes, e.g. {"N": 16384, "C": 768}
     dtype: str = "bfloat16"  # activations / logits dtype ("float32" for AdamW's state)
+    out_dtype: str = None  # layer_norm: y's dtype when it differs from x's (the model's out_dtype under autocast)
     modes: tuple = MODES
     baselines: tuple = ()  # names in BASELINES
     ours: tuple = ("triton",)  # kernels backends
     bound: str = "memory"  # "memory" (GB/s vs copy bandwidth) or "compute" (TFLOP/s vs matmul)
     quick: bool = False  # part of `--quick`
     extra: dict = field(default_factory=dict)
+    # Providers whose forward also computes the gradient (the fused losses): their fwd and bwd rows split
+    # the work differently from the floor and the baselines, so only their fwd+bwd is compared.
+    grad_in_fwd: tuple = ()
 
     @property
     def variant(self):
         dims = " ".join(f"{k}={v}" for k, v in self.shape.items())
-        return f"{_SHORT[self.dtype]} {dims}"
+        dtype = _SHORT[self.dtype] + (f"->{_SHORT[self.out_dtype]}" if self.out_dtype else "")
+        return f"{dtype} {dims}"
 
     @property
     def providers(self):
@@ -64,6 +70,9 @@ BENCHES = [
     Bench("layer_norm", {"N": 4 * N, "C": C}, "bfloat16", baselines=("eager", "compile")),  # B=64 (issue 3's 2nd shape)
     # Under bf16 autocast the residual stream (the LayerNorm input) stays fp32.
     Bench("layer_norm", {"N": N, "C": C}, "float32", baselines=("eager", "compile")),
+    # The model's 12 ln_1 under bf16 autocast: the fp32 residual stream in, y in bf16 (out_dtype) for the next
+    # matmul, so dy comes back in bf16; dx stays fp32.
+    Bench("layer_norm", {"N": N, "C": C}, "float32", out_dtype="bfloat16", baselines=("eager", "compile")),
     # The model's ln_2 under bf16 autocast: fp32 residual stream x + the bf16 attention output (the dtype
     # here), s in fp32, y in bf16 (out_dtype); eager = the add and the LayerNorm as two PyTorch ops, compile
     # fuses them.
@@ -74,9 +83,10 @@ BENCHES = [
     Bench("attention", {"B": 8, "H": 12, "T": 2048, "D": 64}, baselines=ATTN, bound="compute"),
     Bench("attention", {"B": 4, "H": 12, "T": 4096, "D": 64}, baselines=ATTN, bound="compute"),
     Bench("cross_entropy", {"N": N, "V": V}, baselines=("eager", "compile", "vendor_ce"),
-          ours=("triton", "cuda"), quick=True, extra={"vocab_size": V_REAL}),
+          ours=("triton", "cuda"), quick=True, extra={"vocab_size": V_REAL}, grad_in_fwd=("triton", "cuda")),
     Bench("linear_cross_entropy", {"N": N, "C": C, "V": V}, baselines=("eager", "compile"),
-          ours=("triton", "cuda"), bound="compute", quick=True, extra={"vocab_size": V_REAL}),
+          ours=("triton", "cuda"), bound="compute", quick=True, extra={"vocab_size": V_REAL},
+          grad_in_fwd=("triton", "cuda")),
     Bench("AdamW", {"params": 124_475_904}, "float32", modes=("step",),
           baselines=("foreach", "fused", "compile"), quick=True),
 ]
@@ -105,8 +115,9 @@ def ideal_bytes(b, mode):
     s, sh = _SIZE[b.dtype], b.shape
     if b.op == "layer_norm":
         n, c, ws = sh["N"] * sh["C"], sh["C"], 4  # weight and bias are fp32 parameters
-        fwd = 2 * n * s + 2 * c * ws  # x, w, b -> y
-        bwd = 3 * n * s + 3 * c * ws  # dy, x, w -> dx, dw, db
+        so = _SIZE[b.out_dtype or b.dtype]  # y, and so dy
+        fwd = n * (s + so) + 2 * c * ws  # x, w, b -> y
+        bwd = n * (so + s + s) + 3 * c * ws  # dy, x, w -> dx (x's dtype), dw, db
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
     if b.op == "add_layer_norm":  # as the model under autocast: x, s, ds, dx fp32; r, y, dy, dr in b.dtype
         n, c, f = sh["N"] * sh["C"], sh["C"], 4
@@ -161,7 +172,8 @@ def make_inputs(b, device):
 
     if b.op == "layer_norm":
         x, w, bias = randn(sh["N"], sh["C"]), randn(sh["C"], dtype=torch.float32), randn(sh["C"], dtype=torch.float32)
-        return (x, w, bias), {}, [x, w, bias]
+        kwargs = {"out_dtype": getattr(torch, b.out_dtype)} if b.out_dtype else {}
+        return (x, w, bias), kwargs, [x, w, bias]
     if b.op == "add_layer_norm":
         x, r = randn(sh["N"], sh["C"], dtype=torch.float32), randn(sh["N"], sh["C"])
         w, bias = randn(sh["C"], dtype=torch.float32), randn(sh["C"], dtype=torch.float32)
@@ -218,9 +230,27 @@ def _eager(op):
     return reference.attention_math if op == "attention" else getattr(reference, op)
 
 
+def no_donated_buffers():
+    """Turn torch.compile's donated buffers off for this process; False on a torch without the setting.
+    A backward compiled with donated buffers refuses retain_graph=True, which the CUDA-graph timing of
+    "bwd" needs (bench/run.py time_graph); donation only saves memory. Set for the process rather than
+    patched around the compile: the check runs again at each backward and reads the setting then (torch
+    2.14 refuses retain_graph with the setting on even for a graph compiled with it off). Every
+    torch.compile in a bench process is a baseline, so nothing else is affected."""
+    try:
+        from torch._functorch import config
+    except ImportError:
+        return False
+    if not hasattr(config, "donated_buffer"):
+        return False
+    config.donated_buffer = False
+    return True
+
+
 def _compiled(op):
     if op == "AdamW":
         return _optimizer(compiled=True)
+    no_donated_buffers()
     return torch.compile(_eager(op), dynamic=False)
 
 
@@ -256,13 +286,17 @@ def _optimizer(compiled=False, **kwargs):
 BASELINES = {
     "eager": ("kernels.reference in eager PyTorch", _eager),
     "eager_math": ("textbook attention, (T, T) scores materialized (reference.attention_math)", _eager),
-    "compile": ("torch.compile of the eager reference", _compiled),
+    "compile": ("torch.compile of the eager reference (no donated buffers: graph-timeable backward)", _compiled),
     "sdpa_flash": ("F.scaled_dot_product_attention, FLASH_ATTENTION backend only", _sdpa("FLASH_ATTENTION")),
     "sdpa_cudnn": ("F.scaled_dot_product_attention, CUDNN_ATTENTION backend only", _sdpa("CUDNN_ATTENTION")),
     "vendor_ce": ("F.cross_entropy on the bf16 logits (no fp32 copy)", _vendor_ce),
     "triton_unfused": ("x + residual in PyTorch, then our Triton layer_norm: what the fusion saves", _triton_unfused),
-    "foreach": ("torch.optim.AdamW(foreach=True), PyTorch's default on CUDA", lambda op: _optimizer(foreach=True)),
-    "fused": ("torch.optim.AdamW(fused=True), the vendor kernel", lambda op: _optimizer(fused=True)),
+    # capturable=True (step counts on the device, no host sync): what a CUDA-graph captured training step
+    # uses, and what lets time_graph capture them; the default (capturable=False) refuses capture.
+    "foreach": ("torch.optim.AdamW(foreach=True, capturable=True), PyTorch's default on CUDA",
+                lambda op: _optimizer(foreach=True, capturable=True)),
+    "fused": ("torch.optim.AdamW(fused=True, capturable=True), the vendor kernel",
+              lambda op: _optimizer(fused=True, capturable=True)),
 }
 
 

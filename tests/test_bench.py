@@ -39,12 +39,43 @@ def test_fixtures_match_the_schema():
     (lambda d: d["rows"][7].pop("reason"), "without a reason"),
     (lambda d: d["rows"][1].update(status="skipped"), "not ok/unavailable/error"),
     (lambda d: d["e2e"][0].update(tokens_per_sec=float("nan")), "tokens_per_sec"),
+    # what the docstring lists: peak memory, the timing basis, ours' speedups and their basis
+    (lambda d: d["rows"][0].pop("peak_mem_bytes"), "peak_mem_bytes missing"),
+    (lambda d: d["rows"][0].pop("timing_basis"), "timing_basis missing"),
+    (lambda d: d["rows"][0].update(timing_basis="wall"), "timing_basis 'wall'"),
+    (lambda d: d["rows"][2].pop("speedup"), "speedup missing (ours)"),
+    (lambda d: d["rows"][2].pop("speedup_basis"), "speedup_basis missing (ours)"),
+    (lambda d: d["rows"][2]["speedup_basis"].pop("eager"), "speedup_basis"),
+    # nulls need a reason, and schema 3 (the fixtures are schema 2, which never wrote them)
+    (lambda d: d["rows"][2].update(pct_of_limit=None), "pct_of_limit null without pct_reason (schema 3 only)"),
+    (lambda d: d["rows"][2].update(speedup=None, speedup_basis=None, speedup_reason="x"),
+     "speedup null without speedup_reason (schema 3 only)"),
+    (lambda d: d.update(schema=report.SCHEMA) or d["rows"][2].update(gbps=None), "gbps null without pct_reason"),
 ])
 def test_validate_rejects_broken_documents(break_it, expect):
     doc = json.loads(A.read_text())
     break_it(doc)
     problems = report.validate(doc)
     assert any(expect in p for p in problems), problems
+
+
+def test_committed_results_still_validate():
+    """Real results written by earlier versions (bench/results/, schema 2) load under today's checks."""
+    paths = sorted((ROOT / "bench" / "results").glob("*.json"))
+    assert paths
+    for path in paths:
+        assert report.validate(json.loads(path.read_text())) == [], path
+
+
+def test_schema_1_needs_no_graph_fields_but_its_own():
+    old = json.loads(A.read_text())
+    old["schema"] = "gpt2-kernel-lab/bench/1"
+    for r in old["rows"]:
+        for k in ("timing_basis", "speedup_basis", "ms_graph", "ms_graph_p20", "ms_graph_p80", "graph", "graph_reason"):
+            r.pop(k, None)
+    assert report.validate(old) == []
+    old["rows"][2].pop("speedup")  # schema 1 wrote speedup and peak_mem_bytes already
+    assert any("speedup missing" in p for p in report.validate(old))
 
 
 def test_compare_flags_only_what_is_more_than_5_percent_slower_or_broken():
@@ -138,6 +169,77 @@ def test_summarize_log_excludes_warmup(tmp_path):
     assert run.summarize_log(log, warmup=7)["status"] == "error"
 
 
+def test_speedup_plot_picks_the_strongest_baseline_on_our_timing_basis():
+    doc = report.load(A)
+    rows = {(r["op"], r["mode"], r["provider"]): r for r in doc["rows"]}
+    ln, gelu = rows[("layer_norm", "fwd", "triton")], rows[("gelu", "fwd", "triton")]
+    assert report.strongest_baseline(ln) == ("compile", 1.25, "graph", {})
+    # gelu: compile (1.07x) could only be compared on do_bench: the bar is vs eager's graph time, and the
+    # stronger-looking do_bench baseline is named next to it
+    assert report.strongest_baseline(gelu) == ("eager", pytest.approx(1.5714, abs=1e-4), "graph", {"compile": pytest.approx(1.0714, abs=1e-4)})
+    _, providers, value, note, hatched = report.speedup_bars(doc)
+    assert providers == ["triton"] and not hatched
+    assert value[("gelu bf16 N=16384 C=3072 fwd", "triton")] == pytest.approx(1.5714, abs=1e-4)
+    assert note[("gelu bf16 N=16384 C=3072 fwd", "triton")] == "vs eager; compile: 1.07x on do_bench only"
+    # no baseline on our basis: the strongest of the rest, marked (hatched, "(do_bench)")
+    gelu["speedup_basis"]["eager"] = "do_bench"
+    assert report.strongest_baseline(gelu)[:3] == ("compile", pytest.approx(1.0714, abs=1e-4), "do_bench")
+    # ours without a graph time: all its comparisons are do_bench's
+    for k in ("ms_graph", "ms_graph_p20", "ms_graph_p80"):
+        ln.pop(k)
+    ln.update(timing_basis="do_bench", graph_reason="capture failed", speedup_basis={"eager": "do_bench", "compile": "do_bench"})
+    _, _, value, note, hatched = report.speedup_bars(doc)
+    assert hatched == {("layer_norm bf16 N=16384 C=768 fwd", "triton"), ("gelu bf16 N=16384 C=3072 fwd", "triton")}
+    assert note[("layer_norm bf16 N=16384 C=768 fwd", "triton")] == "vs compile (do_bench)"
+
+
+def _fused_loss_doc():
+    """Fixture A (as schema 3) plus the rows run_gpu makes for a fused loss: eager as the baseline, ours
+    computes the gradient in its forward (times shaped like the H100 cross_entropy run)."""
+    doc = json.loads(A.read_text())
+    doc["schema"] = report.SCHEMA
+    b = specs.Bench("cross_entropy", {"N": 16384, "V": 50304}, baselines=("eager",), ours=("triton",),
+                    extra={"vocab_size": 50257}, grad_in_fwd=("triton",))
+    for mode, base_ms, ours_ms in (("fwd", 7.0, 1.9), ("bwd", 9.6, 0.5), ("fwd+bwd", 16.6, 2.7)):
+        group = []
+        for name, ms in (("eager", base_ms), ("triton", ours_ms)):
+            res = {"peak_mem_bytes": 2**20, "ms": 1.1 * ms, "ms_p20": ms, "ms_p80": 1.2 * ms, "ms_graph": ms,
+                   "ms_graph_p20": 0.99 * ms, "ms_graph_p80": 1.01 * ms, "graph": {"calls": 4, "input_sets": 1, "replays": 10}}
+            group.append({"op": b.op, "variant": b.variant, "mode": mode, "provider": name,
+                          "role": "ours" if name == "triton" else "baseline", **run._metrics(b, mode, res, LIMITS, name)})
+        run._speedups(group, b)
+        doc["rows"] += group
+    return doc
+
+
+def test_fused_loss_fwd_and_bwd_rows_are_timed_but_not_compared(tmp_path):
+    doc = _fused_loss_doc()
+    assert report.validate(doc) == []
+    rows = {(r["op"], r["mode"], r["provider"]): r for r in doc["rows"]}
+    for mode in ("fwd", "bwd"):
+        ours, eager = rows[("cross_entropy", mode, "triton")], rows[("cross_entropy", mode, "eager")]
+        assert ours["ms_graph"] > 0 and ours["bytes"] == specs.ideal_bytes(specs.Bench("cross_entropy", {"N": 16384, "V": 50304}), mode)
+        assert ours["pct_of_limit"] is ours["gbps"] is ours["tflops"] is ours["speedup"] is ours["speedup_basis"] is None
+        assert "gradient in its forward" in ours["pct_reason"] and "fwd+bwd" in ours["speedup_reason"]
+        assert eager["pct_of_limit"] > 0  # a baseline's split is the usual one: its rates stand
+    fused = rows[("cross_entropy", "fwd+bwd", "triton")]
+    assert fused["speedup"] == {"eager": pytest.approx(16.6 / 2.7)} and fused["pct_of_limit"] > 0
+    md = report.markdown(doc)
+    assert "| bwd | triton | 0.550 [0.500, 0.600] | 0.500 [0.495, 0.505] | n/a | n/a | n/a | 1 | n/a |" in md
+    assert "n/a: not comparable: this provider computes the gradient in its forward" in md
+    # the plots: only fwd+bwd for the op (its fwd and bwd would show 19x "speedups" and >100% of the limit)
+    labels, *_ = report.speedup_bars(doc)
+    ce = [lab for lab in labels if lab.startswith("cross_entropy")]
+    assert ce == ["cross_entropy bf16 N=16384 V=50304 fwd+bwd"]
+    labels, _, _ = report.roofline_bars(doc)
+    assert [lab for lab in labels if lab.startswith("cross_entropy")] == ce
+    assert "layer_norm bf16 N=16384 C=768 fwd" in labels  # other ops untouched
+    assert len(report.plots(doc, str(tmp_path / "r"))) == 2
+    # a null without its reason is refused
+    rows[("cross_entropy", "fwd", "triton")].pop("pct_reason")
+    assert any("null without pct_reason" in p for p in report.validate(doc))
+
+
 # ---- specs -------------------------------------------------------------------------------------
 
 def test_specs_floors():
@@ -154,6 +256,45 @@ def test_specs_floors():
     for b in specs.BENCHES:
         assert set(b.baselines) <= set(specs.BASELINES), b
         assert b.baselines and b.ours, b  # every op is timed against at least one baseline
+        assert set(b.grad_in_fwd) <= set(b.providers), b
+    keys = [(b.op, b.variant) for b in specs.BENCHES]
+    assert len(keys) == len(set(keys)), keys  # rows of two benches never share (op, variant)
+    assert specs.CARDS["A100 SXM 80GB"]["bytes_per_s"] == 2.039e12 and "A100 SXM" not in specs.CARDS
+    for op in ("cross_entropy", "linear_cross_entropy"):  # the fused losses: only fwd+bwd compares
+        assert next(b for b in specs.BENCHES if b.op == op).grad_in_fwd == ("triton", "cuda")
+
+
+def test_layer_norm_fp32_in_bf16_out_variant():
+    """The model's ln_1 under autocast: fp32 x, bf16 y (out_dtype), so dy is bf16 too; dx stays fp32."""
+    (b,) = [b for b in specs.BENCHES if b.op == "layer_norm" and b.out_dtype]
+    assert (b.dtype, b.out_dtype, b.variant) == ("float32", "bfloat16", "fp32->bf16 N=16384 C=768")
+    n, c = 16384 * 768, 768
+    assert specs.ideal_bytes(b, "fwd") == n * (4 + 2) + 2 * c * 4  # x -> y
+    assert specs.ideal_bytes(b, "bwd") == n * (2 + 4 + 4) + 3 * c * 4  # dy, x -> dx; w -> dw, db
+    assert not b.quick and [x.variant for x in specs.selected({"layer_norm"}, quick=True)] == ["bf16 N=16384 C=768"]
+    tiny = specs.Bench("layer_norm", {"N": 3, "C": 8}, "float32", out_dtype="bfloat16")
+    args, kwargs, _ = specs.make_inputs(tiny, "cpu")
+    assert args[0].dtype == torch.float32 and kwargs == {"out_dtype": torch.bfloat16}
+    assert specs.BASELINES["eager"][1]("layer_norm")(*args, **kwargs).dtype == torch.bfloat16
+
+
+def test_baselines_can_be_graph_timed(monkeypatch):
+    """torch.compile baselines without donated buffers (a backward with retain_graph=True, as time_graph's
+    bwd capture, is refused otherwise), AdamW baselines capturable (CUDA-graph capture refuses the rest)."""
+    import functools
+
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.setattr(functorch_config, "donated_buffer", True)  # restored after the test
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))  # fast
+    b = specs.Bench("layer_norm", {"N": 4, "C": 8}, "float32")
+    fn = run.build_provider(b, "compile")
+    forward, dy, _ = run._prepare(b, fn, "cpu")  # the first backward, without retain_graph
+    run._backward(forward(), dy, retain_graph=True)
+    assert functorch_config.donated_buffer is False
+    for name in ("foreach", "fused"):
+        opt = run.build_provider(specs.Bench("AdamW", {"params": 8}, "float32"), name)([torch.zeros(8)], lr=1e-3)
+        assert opt.defaults["capturable"] is True and opt.defaults[name] is True
 
 
 # ---- --static ----------------------------------------------------------------------------------
@@ -366,6 +507,59 @@ def test_gpu_pipeline_without_graphs(fake_gpu, tmp_path):
     (path,) = tmp_path.glob("*_gpu.json")
     rows = report.load(path)["rows"]
     assert len(rows) == 2 and all(r["timing_basis"] == "do_bench" and "--no-graphs" in r["graph_reason"] for r in rows)
+
+
+class MemClock(CpuClock):
+    """Logs when the peak is reset and read, to see what the peak_mem_bytes measurement covers."""
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def reset_peak(self):
+        self.log.append("reset")
+
+    def max_memory_allocated(self):
+        self.log.append("peak")
+        return 0
+
+
+@pytest.mark.parametrize("mode, measured", [("fwd", ["fwd"]), ("bwd", ["bwd"]), ("fwd+bwd", ["fwd", "bwd"])])
+def test_peak_mem_of_a_bwd_row_is_the_backward_alone(mode, measured):
+    log = []
+
+    class Logged(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            log.append("fwd")
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):
+            log.append("bwd")
+            return 2 * g
+    b = specs.Bench("gelu", {"N": 2, "C": 4}, "float32")
+    run.time_row(b, mode, Logged.apply, 1, MemClock(log), graphs=False)
+    start = log.index("reset")
+    assert log[start + 1:log.index("peak")] == measured
+    if mode == "bwd":
+        assert log[start - 1] == "fwd"  # the forward ran just before, outside the measurement
+
+
+def test_gpu_pipeline_fused_loss_rows(fake_gpu, tmp_path, monkeypatch, capsys):
+    """run_gpu end to end for a provider that computes the gradient in its forward (here: our GELU
+    declared so): its fwd and bwd rows keep their times, with null rates and speedups and a reason."""
+    monkeypatch.setattr(specs, "BENCHES", [
+        specs.Bench("gelu", {"N": 5, "C": 24}, "float32", baselines=("eager",), quick=True, grad_in_fwd=("triton",))])
+    assert run.run_gpu(run.parse_args(["--quick", "--rep", "1", "--out", str(tmp_path)]), clock=fake_gpu, limits=LIMITS) == 0
+    doc = report.load(next(tmp_path.glob("*_gpu.json")))
+    rows = {(r["mode"], r["provider"]): r for r in doc["rows"]}
+    for mode in ("fwd", "bwd"):
+        r = rows[(mode, "triton")]
+        assert r["ms_graph"] > 0 and r["pct_of_limit"] is None and r["speedup"] is None
+        assert r["pct_reason"] and r["speedup_reason"] and rows[(mode, "eager")]["pct_of_limit"] > 0
+    assert rows[("fwd+bwd", "triton")]["speedup"]["eager"] > 0
+    assert "n/a" in capsys.readouterr().out
+    assert doc["settings"]["peak_mem"].startswith("peak_mem_bytes")
 
 
 def test_input_sets_rotate_only_what_fits_in_l2():

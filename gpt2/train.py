@@ -19,7 +19,9 @@ resumed_from. OUT/log.jsonl: one JSON object per step with step, loss, lr, grad_
 tokens_per_sec (global), mfu (fraction, null when the device's peak is unknown), peak_mem_bytes
 (null on CPU), and val_loss / hellaswag on the steps where they ran. OUT/ckpt_<step>.pt: model,
 optimizer, step, loader state, the RNG states of every rank, the config; written to a temp file and
-renamed, the last --keep-checkpoints kept. --resume checks that the run-defining arguments
+renamed, the last --keep-checkpoints kept. --resume from step s moves the run folder's checkpoints and log
+lines of later steps (an abandoned timeline, or steps after the last checkpoint) to OUT/abandoned_<n>/
+and says so; a log line cut short by a killed process is one of them. --resume checks that the run-defining arguments
 (RESUME_MUST_MATCH) equal the checkpoint's, and the sample length is checked against the block size at start. A non-finite loss or grad norm stops the run (exit 1)
 before anything is written for that step.
 """
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -57,12 +60,13 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m gpt2.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--model", default="tiny", help=f"preset: {', '.join(GPTConfig.PRESETS)}")
+    a("--model", default=None, help=f"preset: {', '.join(GPTConfig.PRESETS)} (not given: tiny; not with --init-from)")
     a("--n-layer", type=int, default=None, help="override the preset's number of layers")
     a("--n-head", type=int, default=None, help="override the preset's number of heads")
     a("--n-embd", type=int, default=None, help="override the preset's width")
     a("--block-size", type=int, default=None, help="override the preset's context length")
-    a("--init-from", default=None, help="a Hugging Face GPT-2 directory or hub name to fine-tune")
+    a("--init-from", default=None, help="a Hugging Face GPT-2 directory or hub name to fine-tune (its config sets the "
+                                       "shape: no --model/--n-layer/--n-head/--n-embd/--block-size)")
     a("--data", default="shakespeare", help="'shakespeare' (built in), a .txt file, or a folder of *_train_*/*_val_* shards")
     a("--kernels", default=None, help="kernel spec (kernels.get_ops); default: 'triton,cross_entropy=cuda' with a GPU, else 'torch'")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -85,7 +89,7 @@ def build_parser():
     a("--beta1", type=float, default=0.9)
     a("--beta2", type=float, default=0.95)
     a("--grad-clip", type=float, default=1.0, help="clip the global grad norm to this (0: no clipping)")
-    a("--seed", type=int, default=1337)
+    a("--seed", type=int, default=1337, help="seeds the weights, the data order and the samples (>= 0)")
     a("--eval-every", type=int, default=100, help="val loss every N steps (0: off)")
     a("--eval-tokens", type=int, default=32768, help="val tokens per evaluation (all ranks)")
     a("--hellaswag-every", type=int, default=0, help="HellaSwag every N steps (0: off)")
@@ -95,7 +99,7 @@ def build_parser():
     a("--sample-prompt", default="", help="text the samples continue (after <|endoftext|>)")
     a("--top-k", type=int, default=50, help="sample from the k most likely tokens")
     a("--checkpoint-every", type=int, default=200, help="checkpoint every N steps, and at the end (0: only at the end)")
-    a("--keep-checkpoints", type=int, default=3, help="how many of the latest checkpoints to keep")
+    a("--keep-checkpoints", type=int, default=3, help="how many of the latest checkpoints to keep (>= 1; --no-checkpoint: none)")
     a("--no-checkpoint", action="store_true", help="write no checkpoint at all")
     a("--peak-flops", type=float, default=None, help="peak FLOP/s of one device for MFU (default: from gpt2/flops.py's table)")
     a("--out", default=None, help="run folder (default runs/<model>-<data>-<time>)")
@@ -111,7 +115,10 @@ def setup_distributed(device_arg):
     """(rank, local_rank, world_size, device). torchrun sets RANK/LOCAL_RANK/WORLD_SIZE."""
     cuda = torch.cuda.is_available() if device_arg is None else device_arg.startswith("cuda")
     if "RANK" not in os.environ:
-        return 0, 0, 1, torch.device(device_arg or ("cuda" if cuda else "cpu"))
+        device = torch.device(device_arg or ("cuda" if cuda else "cpu"))
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # Triton launches on the current device, not on the tensors' one
+        return 0, 0, 1, device
     import torch.distributed as dist
 
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -124,7 +131,16 @@ def setup_distributed(device_arg):
     return rank, local_rank, world, device
 
 
+MODEL_SHAPE_ARGS = ("model", "n_layer", "n_head", "n_embd", "block_size")  # set by --init-from's config instead
+
+
 def resolve_defaults(args, device):
+    given = [f"--{k.replace('_', '-')}" for k in MODEL_SHAPE_ARGS if getattr(args, k) is not None]
+    if args.init_from and given:
+        raise UsageError(f"--init-from {args.init_from} takes the model's shape from its config.json; {', '.join(given)} "
+                         f"would be ignored: drop {'it' if len(given) == 1 else 'them'} (or --init-from)")
+    if args.model is None and not args.init_from:
+        args.model = "tiny"
     gpu = device.type == "cuda"
     if args.kernels is None:
         args.kernels = "triton,cross_entropy=cuda" if gpu else "torch"
@@ -135,7 +151,7 @@ def resolve_defaults(args, device):
     if args.max_steps is None:
         args.max_steps = 2000 if gpu else 300
     if args.lr is None:
-        args.lr = 5e-3 if args.model in ("tiny", "small") and not args.init_from else 6e-4
+        args.lr = 5e-3 if args.model in ("tiny", "small") else 6e-4
     if args.min_lr is None:
         args.min_lr = args.lr / 10
     if args.warmup_steps is None:
@@ -145,10 +161,11 @@ def resolve_defaults(args, device):
     if args.compile and args.compile_mode is None:
         args.compile_mode = "default"  # without --compile it stays None: no mode applies
     for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_steps", "sample_tokens", "eval_tokens",
-                 "warmup_steps"):
+                 "warmup_steps", "seed"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("batch_size", "seq_len", "total_batch_size", "n_layer", "n_head", "n_embd", "block_size", "hellaswag_limit"):
+    for name in ("batch_size", "seq_len", "total_batch_size", "n_layer", "n_head", "n_embd", "block_size", "hellaswag_limit",
+                 "keep_checkpoints"):
         value = getattr(args, name)
         if value is not None and value < 1:  # None: filled in later from the model (seq_len, total_batch_size)
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -218,8 +235,17 @@ def check_sample_length(args, block_size):
                          "--sample-prompt, or a larger --block-size")
 
 
+CKPT_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
 def checkpoints(out):
-    return sorted(Path(out).glob("ckpt_*.pt"))
+    """OUT's ckpt_<step>.pt files, oldest step first."""
+    paths = [p for p in Path(out).glob("ckpt_*.pt") if CKPT_NAME.match(p.name)]
+    return sorted(paths, key=checkpoint_step)
+
+
+def checkpoint_step(path):
+    return int(CKPT_NAME.match(Path(path).name).group(1))
 
 
 def find_resume(resume, out):
@@ -261,20 +287,32 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(out, step, state, keep):
-    """Atomically write OUT/ckpt_<step>.pt (temp file, fsync, rename), then drop all but the last `keep`."""
-    path = Path(out) / f"ckpt_{step:07d}.pt"
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write `path` through a temp file that is fsynced and renamed over it at the end: a reader (or a
+    resume after a crash) sees the old file or the new one, and a failed write leaves no partial file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)  # a half-written file is never left behind, let alone taken as the latest
         raise
     os.replace(tmp, path)
-    for old in checkpoints(out)[:-keep] if keep > 0 else []:
+
+
+def save_checkpoint(out, step, state, keep):
+    """Atomically write OUT/ckpt_<step>.pt, then delete the older ones but the last `keep` - 1: the one
+    just written always stays (a later step's file, should one be there, is not counted or touched)."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (the checkpoint just written stays), got {keep}")
+    path = Path(out) / f"ckpt_{step:07d}.pt"
+    with atomic_write(path) as f:
+        torch.save(state, f)
+    older = [p for p in checkpoints(out) if checkpoint_step(p) < step]
+    for old in older[:max(0, len(older) - (keep - 1))]:
         old.unlink()
     return path
 
@@ -439,7 +477,8 @@ def _train(args, rank, world, device):
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         data_name = Path(str(args.data)).stem if args.data != "shakespeare" else "shakespeare"
-        out = Path(args.out or f"runs/{args.model}-{data_name}-{stamp}")
+        model_name = args.model or Path(args.init_from).name
+        out = Path(args.out or f"runs/{model_name}-{data_name}-{stamp}")
         if (out / "log.jsonl").exists() or checkpoints(out):  # every rank checks: none may hang waiting for rank 0
             raise TrainingError(f"{out} already holds a run; pass --resume to continue it, or another --out")
     if master:
@@ -487,9 +526,7 @@ def _train(args, rank, world, device):
     val_loader = gdata.make_loader(args.data, "val", B, T, rank, world, args.seed, config.vocab_size) if args.eval_every else None
     if ckpt is not None:
         train_loader.load_state_dict(ckpt["loader"])
-    eval_steps = 0
-    if val_loader is not None:
-        eval_steps = max(1, min(args.eval_tokens // per_micro, val_loader.steps_per_epoch))
+    eval_steps, eval_note = eval_plan(args.eval_tokens, B, T, world, val_loader.steps_per_epoch) if val_loader else (0, None)
 
     if args.compile:
         model = torch.compile(model, mode=args.compile_mode)
@@ -516,15 +553,18 @@ def _train(args, rank, world, device):
                 "grad_accum_steps": accum, "model_config": config.to_dict(), "num_params": raw.num_params(),
                 "flops_per_token": fpt, "peak_flops": peak, "device_name": device_name(device),
                 "torch_version": torch_version, "triton_version": triton_version, "resumed_from": resumed_from}
+        if resumed_from:
+            note = set_aside_later_steps(out, start)
+            if note:
+                say(note)
         (out / "config.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-        _trim_log(out / "log.jsonl", start)
         say(f"model: {raw.num_params():,} params {config}\nout: {out}   steps {start}..{args.max_steps}   "
             f"{args.total_batch_size:,} tokens/step = {B} x {T} x {world} rank(s) x {accum} accum   "
             f"{fpt / 1e9:.3f} GFLOP/token   peak {'unknown' if not peak else f'{peak / 1e12:.0f} TFLOP/s'}")
         if graph_step is not None:
             say(f"cuda graph: {CUDA_GRAPH_WARMUP_STEPS} eager warm-up step(s), then every micro-step replays one captured graph")
-        if val_loader is not None and eval_steps * per_micro < args.eval_tokens:
-            say(f"note: val split holds {val_loader.steps_per_epoch * per_micro:,} tokens per pass; evaluating on those")
+        if eval_note:
+            say(eval_note)
 
     log = []
     last_ckpt = checkpoints(out)[-1] if master and checkpoints(out) else None
@@ -608,6 +648,21 @@ def _to_device(batch, device):
     return batch
 
 
+def eval_plan(eval_tokens, B, T, world, val_steps):
+    """(micro-batches per evaluation, a note when they hold other than --eval-tokens tokens, else None):
+    whole micro-batches of B x T x world tokens, at least one, at most one pass over the val split."""
+    per_micro = B * T * world
+    steps = max(1, min(eval_tokens // per_micro, val_steps))
+    if steps * per_micro == eval_tokens:
+        return steps, None
+    if eval_tokens // per_micro > val_steps:
+        why = f"the val split holds only {val_steps} per pass"
+    else:
+        why = "an evaluation runs whole micro-batches" + (", at least one" if eval_tokens < per_micro else "")
+    return steps, (f"note: evaluating {steps * per_micro:,} val tokens = {steps} micro-batch(es) of {B} x {T} x {world} "
+                   f"rank(s), not --eval-tokens {eval_tokens:,}: {why}")
+
+
 @torch.no_grad()
 def evaluate_loss(model, loader, steps, device, autocast, world):
     """Mean loss over the first `steps` val micro-batches of every rank (the same batches each time)."""
@@ -641,12 +696,50 @@ def sample(raw, enc, args, device, autocast):
     return enc.decode(out[0, 1:].tolist())
 
 
-def _trim_log(path, step):
-    """On resume, drop log lines of steps after the checkpoint (they will be run again)."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+def set_aside_later_steps(out, step):
+    """On resume from step `step`: what OUT holds of later steps (checkpoints, log lines) belongs to the
+    timeline given up; it moves to a new OUT/abandoned_<n>/, never deleted, and no longer found by --resume
+    or pruned in place of the new checkpoints. Returns a note saying what moved, or None."""
+    log_path = out / "log.jsonl"
+    kept, later, cut = _split_log(log_path, step)
+    later_ckpts = [p for p in checkpoints(out) if checkpoint_step(p) > step]
+    if not later_ckpts and not later:
+        return None
+    n = 1
+    while (out / f"abandoned_{n}").exists():
+        n += 1
+    aside = out / f"abandoned_{n}"
+    aside.mkdir()
+    for path in later_ckpts:
+        os.replace(path, aside / path.name)
+    if later:
+        (aside / "log.jsonl").write_text("".join(line + "\n" for line in later))
+        with atomic_write(log_path, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+    moved = [p.name for p in later_ckpts]
+    if later:
+        moved.append(f"{len(later)} log line(s)" + (" (the last one cut short)" if cut else ""))
+    return f"note: resuming at step {step}: moved {', '.join(moved)} of later steps to {aside}/ (they run again)"
+
+
+def _split_log(path, step):
+    """(lines of steps <= step, lines of later steps, whether the last line was cut short) of log.jsonl.
+    A last line that is no JSON record was being written when the process died: a later step. One
+    elsewhere is damage: TrainingError naming it."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    numbered = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    kept, later = [], []
+    for number, line in numbered:
+        try:
+            line_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError) as e:
+            if number == numbered[-1][0]:
+                later.append(line)
+                return kept, later, True
+            raise TrainingError(f"{path}: line {number} is not a log record ({type(e).__name__}: {e}): {line[:100]!r}; "
+                                "repair or remove that line, then resume again") from e
+        (kept if line_step <= step else later).append(line)
+    return kept, later, False
 
 
 def _console_line(r, max_steps):

@@ -118,6 +118,93 @@ def test_resume_is_bit_exact(straight, text, tmp_path):
     assert json.loads((resumed / "config.json").read_text())["resumed_from"].endswith("ckpt_0000004.pt")
 
 
+def test_resume_from_an_earlier_checkpoint_sets_the_later_steps_aside(text, tmp_path, monkeypatch, capsys):
+    """--resume ckpt_2 of a run that has ckpt_4 and ckpt_6: pruning kept the last K by step number, so the
+    abandoned run's ckpt_4/ckpt_6 stayed and each new checkpoint was deleted right after it was written
+    (and a later plain --resume took the abandoned ckpt_6). Now the later steps move to abandoned_1/."""
+    out = tmp_path / "run"
+    first = train.main(args(text, out, "--checkpoint-every", "2", steps=6))
+    old = {name: (out / name).read_bytes() for name in ("ckpt_0000004.pt", "ckpt_0000006.pt", "log.jsonl")}
+    capsys.readouterr()
+    written = []
+    real_save = train.save_checkpoint
+
+    def save(out, step, state, keep):
+        path = real_save(out, step, state, keep)
+        written.append((path.name, path.exists()))
+        return path
+
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    again = train.main(args(text, out, "--resume", str(out / "ckpt_0000002.pt"), "--checkpoint-every", "3",
+                            "--keep-checkpoints", "2", steps=6))
+    assert written == [("ckpt_0000003.pt", True), ("ckpt_0000006.pt", True)]  # the one just written is never pruned
+    note = f"moved ckpt_0000004.pt, ckpt_0000006.pt, 4 log line(s) of later steps to {out / 'abandoned_1'}/"
+    assert note in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_0000003.pt", "ckpt_0000006.pt"]
+    aside = out / "abandoned_1"
+    assert (aside / "ckpt_0000004.pt").read_bytes() == old["ckpt_0000004.pt"]
+    assert (aside / "ckpt_0000006.pt").read_bytes() == old["ckpt_0000006.pt"]
+    assert read_log(aside) == first[2:] and read_log(out) == first[:2] + again
+    assert [r["step"] for r in again] == [3, 4, 5, 6] and curve(again) == curve(first[2:])
+    latest, _ = train.find_resume("latest", out)
+    assert latest == out / "ckpt_0000006.pt" and torch.load(latest, weights_only=False)["args"]["checkpoint_every"] == 3
+
+
+def test_checkpoint_just_written_is_never_pruned(tmp_path):
+    for step in (5, 10):
+        train.save_checkpoint(tmp_path, step, {"step": step}, keep=1)
+    train.save_checkpoint(tmp_path, 5, {"step": 5}, keep=2)  # back at 5 (e.g. a copied-in checkpoint)
+    path = train.save_checkpoint(tmp_path, 7, {"step": 7}, keep=1)
+    assert path.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_0000007.pt", "ckpt_0000010.pt"]
+    for keep in (0, -1):  # used to mean "keep everything", unchecked
+        with pytest.raises(ValueError, match=f"keep must be >= 1 .*got {keep}"):
+            train.save_checkpoint(tmp_path, 8, {"step": 8}, keep=keep)
+
+
+def test_resume_after_a_log_line_cut_short(straight, text, tmp_path, capsys):
+    """A process killed while appending to log.jsonl leaves half a line: --resume died with a
+    JSONDecodeError traceback. That line now moves aside with the later steps; damage elsewhere is an error."""
+    out, log = straight
+    run = tmp_path / "cut"
+    run.mkdir()
+    shutil.copy(out / "ckpt_0000004.pt", run)
+    lines = [json.dumps(r) for r in log[:6]]
+    (run / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 7, "lo')
+    more = train.main(args(text, run, "--resume"))
+    assert "moved 3 log line(s) (the last one cut short) of later steps" in capsys.readouterr().out
+    assert read_log(run) == log[:4] + more and [r["step"] for r in more] == [5, 6, 7, 8]
+    assert (run / "abandoned_1" / "log.jsonl").read_text() == "\n".join(lines[4:]) + '\n{"step": 7, "lo\n'
+    assert not list(run.glob("*.tmp"))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(out / "ckpt_0000004.pt", bad)
+    damaged = "\n".join(lines[:2] + ['{"step": 3, "lo'] + lines[3:]) + "\n"
+    (bad / "log.jsonl").write_text(damaged)
+    with pytest.raises(SystemExit) as e:
+        train.main(args(text, bad, "--resume"))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and f"{bad / 'log.jsonl'}: line 3 is not a log record" in err and "Traceback" not in err
+    assert (bad / "log.jsonl").read_text() == damaged and sorted(p.name for p in bad.iterdir()) == ["ckpt_0000004.pt", "log.jsonl"]
+
+
+def test_log_rewrite_on_resume_is_atomic(tmp_path, monkeypatch):
+    log = tmp_path / "log.jsonl"
+    text = "".join(json.dumps({"step": s}) + "\n" for s in range(1, 7))
+    log.write_text(text)
+
+    def fails(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", fails)
+    with pytest.raises(OSError, match="disk full"):
+        train.set_aside_later_steps(tmp_path, 4)
+    assert log.read_text() == text and not list(tmp_path.glob("*.tmp"))  # the old log, whole
+    monkeypatch.undo()
+    assert train.set_aside_later_steps(tmp_path, 4).endswith(f"moved 2 log line(s) of later steps to {tmp_path / 'abandoned_2'}/ (they run again)")
+    assert log.read_text() == text[:text.index('{"step": 5')] and train.set_aside_later_steps(tmp_path, 4) is None
+
+
 def test_resume_into_another_kernels_spec(straight, text, tmp_path):
     """A checkpoint trained with `torch` continues with Triton ops: same weights, same curve."""
     table = kernels.available()
@@ -416,11 +503,48 @@ def test_sample_length_is_checked_before_training(text, tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "-4"), ("--seq-len", "0"), ("--seq-len", "-16"),
-                                         ("--total-batch-size", "0"), ("--warmup-steps", "-1"), ("--hellaswag-limit", "0")])
+                                         ("--total-batch-size", "0"), ("--warmup-steps", "-1"), ("--hellaswag-limit", "0"),
+                                         ("--seed", "-1"), ("--keep-checkpoints", "0"), ("--keep-checkpoints", "-2")])
 def test_sizes_must_be_positive(text, tmp_path, flag, value):
-    """0 used to be a ZeroDivisionError, negative a confusing ShardError."""
-    with pytest.raises(ValueError, match=f"{flag} must be >= {0 if flag == '--warmup-steps' else 1}, got {value}"):
+    """0 used to be a ZeroDivisionError, negative a confusing ShardError; a negative seed a numpy traceback at
+    the first batch; --keep-checkpoints 0 or negative silently kept every checkpoint."""
+    with pytest.raises(ValueError, match=f"{flag} must be >= {0 if flag in ('--warmup-steps', '--seed') else 1}, got {value}"):
         train.main(args(text, tmp_path / "z", flag, value))
+    assert not (tmp_path / "z").exists()
+
+
+def test_eval_note_says_how_many_tokens_are_evaluated(text, tmp_path, capsys):
+    """The note fired for any --eval-tokens that is not a multiple of the micro-batch and claimed the
+    whole val split was evaluated."""
+    train.main(args(text, tmp_path / "a", "--eval-tokens", "100", steps=1))
+    assert ("note: evaluating 64 val tokens = 1 micro-batch(es) of 4 x 16 x 1 rank(s), not --eval-tokens 100: "
+            "an evaluation runs whole micro-batches\n") in capsys.readouterr().out
+    train.main(args(text, tmp_path / "b", "--eval-tokens", "128", steps=1))
+    assert "note: evaluating" not in capsys.readouterr().out
+    assert train.eval_plan(128, 4, 16, 1, 8) == (2, None)
+    assert train.eval_plan(200, 4, 16, 1, 8)[0] == 3
+    steps, note = train.eval_plan(10, 4, 16, 2, 8)
+    assert steps == 1 and note.endswith("not --eval-tokens 10: an evaluation runs whole micro-batches, at least one")
+    steps, note = train.eval_plan(10**6, 4, 16, 1, 8)
+    assert steps == 8 and note.startswith("note: evaluating 512 val tokens") and note.endswith("the val split holds only 8 per pass")
+
+
+def test_init_from_takes_the_shape_from_its_config(text, tmp_path):
+    """--init-from silently ignored --model/--n-layer/--n-head/--n-embd/--block-size; now they are refused."""
+    transformers = pytest.importorskip("transformers")
+    hf = tmp_path / "hf"
+    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=16, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(hf)
+    plain = args(text, tmp_path / "ft", "--init-from", str(hf), steps=1)[len(SMALL):]
+    log = train.main(plain)
+    config = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert len(log) == 1 and config["model_config"]["n_embd"] == 16 and config["args"]["model"] is None
+    with pytest.raises(train.UsageError, match=r"--init-from .* takes the model's shape from its config.json; --model, "
+                                               r"--n-layer, --n-head, --n-embd, --block-size would be ignored: drop them"):
+        train.main(SMALL + plain)
+    with pytest.raises(train.UsageError, match="; --n-embd would be ignored: drop it"):
+        train.main(plain + ["--n-embd", "16", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
 
 
 def test_resume_refuses_other_run_arguments(straight, text, tmp_path):

@@ -14,8 +14,20 @@ torch.compile they call the custom ops, which the compiler traces.
 
 Measured with `python -m bench.host_overhead` (CPU, every kernel launch stubbed out, so only the Python
 work around the kernels is timed).
+
+Double backward: every backward here launches Triton kernels, which autograd cannot differentiate. The
+custom ops raise on a second derivative (their backward ops have no autograd formula); the fast path's
+backward is wrapped by `once_differentiable` so it raises too, instead of returning first derivatives
+that silently drop every higher-order term.
+
+Devices: Triton launches on the *current* CUDA device and its current stream, not on the tensors' device.
+Every launch in the kernel modules runs under `on_device(t)`: a no-op when t's device is already current.
 """
+import contextlib
+import functools
+
 import torch
+from torch._C import _functions
 
 ENABLED = True  # tests turn it off to compare both paths
 
@@ -30,11 +42,53 @@ def impl(op):
     return op._init_fn
 
 
+_SAME_DEVICE = contextlib.nullcontext()  # stateless: one instance serves every call
+
+
+def on_device(t):
+    """A context under which a Triton launch for tensor t runs on t's device (and that device's current
+    stream): Triton launches on the current CUDA device, whatever device the tensors are on. A no-op context
+    (no device switch) when t is not a CUDA tensor or its device is already the current one (~0.5 us)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _SAME_DEVICE
+
+
+def once_differentiable(backward, name="backward"):
+    """`backward` for a torch.autograd.Function whose backward cannot itself be differentiated (it launches
+    kernels). Like torch.autograd.function.once_differentiable, but stricter: torch's version only guards
+    when an incoming gradient requires grad, so `torch.autograd.grad(f(x).sum(), x, create_graph=True)`
+    (a gradient of ones) still returned a first derivative with no graph, and a later backward through it
+    silently dropped the second-order terms. Here, whenever the backward runs with grad mode on (that is,
+    under create_graph=True), every returned gradient gets a node that raises on backward, as the custom
+    op's path does. A plain backward (grad mode off) calls `backward` directly: no added cost."""
+    message = (f"{name}: double backward (create_graph=True, a derivative of a gradient) is not supported: "
+               "the backward launches Triton kernels and has no derivative of its own "
+               "(trying to differentiate twice a function marked once_differentiable)").encode()
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        single = not isinstance(outputs, tuple)
+        outputs = (outputs,) if single else outputs
+        # Gradients are floating-point tensors or None; each tensor gets DelayedError as its grad_fn.
+        wrapped = _functions.DelayedError(message, len(outputs))(
+            *(None if o is None else o.detach().requires_grad_() for o in outputs))
+        wrapped = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        return wrapped[0] if single else wrapped
+
+    return wrapper
+
+
 def eager_function(op, setup_context, backward, name):
     """A torch.autograd.Function running `op` in forward (a torch.library custom op: its Python
     implementation; any other callable, e.g. a C++ op, as it is, below autograd), then
     `setup_context(ctx, inputs, output)` as registered with the op's autograd; `backward(ctx, *grads)` is
-    the op's backward formula (for a custom op it should call the backward op's implementation, `impl(bwd_op)`)."""
+    the op's backward formula (for a custom op it should call the backward op's implementation, `impl(bwd_op)`).
+    The backward is once_differentiable: a double backward raises (see above)."""
     fn = impl(op) if hasattr(op, "_init_fn") else op
 
     def forward(ctx, *inputs):
@@ -44,7 +98,7 @@ def eager_function(op, setup_context, backward, name):
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "backward": staticmethod(backward),
+        "backward": staticmethod(once_differentiable(backward, name)),
         "__doc__": "Eager fast path: an op's implementation and autograd formula, without the dispatcher.",
     })
 

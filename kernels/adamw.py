@@ -1,4 +1,5 @@
-"""Fused AdamW: one Triton launch per (param group, device, dtype) updates every parameter.
+"""Fused AdamW: one Triton launch per (param group, device, dtype) updates every parameter; each launch
+runs with its device made current (Triton launches on the current device: kernels._eager.on_device).
 
     opt = AdamW(model.parameters(), lr=6e-4, weight_decay=0.1)   # torch.optim.AdamW's signature
     opt.step()                        # or opt.step(found_inf=flag): a no-op step when flag != 0
@@ -46,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._eager import on_device
 from kernels._triton_utils import AotSpec
 
 _GPU_BLOCK = 2048  # elements per program on a GPU: 16 fp32 per thread with 4 warps, 4 x 128-bit loads
@@ -351,12 +353,13 @@ class AdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             for ln in launches:
                 flag = flags.get(ln.device)
-                _adamw_kernel[(ln.n_blocks,)](
-                    ln.table, ln.blocks, flag if flag is not None else ln.table,
-                    lr, 1.0 - lr * group["weight_decay"], beta2, 1.0 - beta1, 1.0 - beta2, group["eps"],
-                    _log(beta1), _log(beta2),
-                    DTYPE=ln.dtype, HAS_FOUND_INF=flag is not None, ALIGNED=ln.aligned, BLOCK=ln.block,
-                    num_warps=_NUM_WARPS)
+                with on_device(ln.table):  # Triton launches on the current device: make it this bucket's
+                    _adamw_kernel[(ln.n_blocks,)](
+                        ln.table, ln.blocks, flag if flag is not None else ln.table,
+                        lr, 1.0 - lr * group["weight_decay"], beta2, 1.0 - beta1, 1.0 - beta2, group["eps"],
+                        _log(beta1), _log(beta2),
+                        DTYPE=ln.dtype, HAS_FOUND_INF=flag is not None, ALIGNED=ln.aligned, BLOCK=ln.block,
+                        num_warps=_NUM_WARPS)
         return loss
 
     def _check_grads(self, all_launches, devices):
@@ -367,8 +370,9 @@ class AdamW(torch.optim.Optimizer):
             flags[d].zero_()
         for _, launches in all_launches:
             for ln in launches:
-                _nonfinite_kernel[(ln.n_blocks,)](ln.table, ln.blocks, flags[ln.device], DTYPE=ln.dtype,
-                                                  ALIGNED=ln.aligned, BLOCK=ln.block, num_warps=_NUM_WARPS)
+                with on_device(ln.table):
+                    _nonfinite_kernel[(ln.n_blocks,)](ln.table, ln.blocks, flags[ln.device], DTYPE=ln.dtype,
+                                                      ALIGNED=ln.aligned, BLOCK=ln.block, num_warps=_NUM_WARPS)
         if len(flags) > 1:  # the step is skipped everywhere if any device saw a bad grad
             total = sum(f.to(next(iter(flags)), non_blocking=True) for f in flags.values())
             flags = {d: total.to(d, non_blocking=True) for d in flags}

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._eager import cdiv, eager_function, fast_path, impl
+from kernels._eager import cdiv, eager_function, fast_path, impl, on_device
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -73,14 +73,16 @@ def _gelu_bwd_kernel(
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(name, *tensors):
+def _check(name, *tensors, fake=False):
+    """Argument checks; fake=True (the fake implementations) also accepts meta tensors (shape inference)."""
     for t in tensors:
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} (triton): dtype {t.dtype} not supported; supported: float32, bfloat16, float16")
         if t.device != tensors[0].device:
             raise ValueError(f"{name} (triton): tensors on different devices ({tensors[0].device} and {t.device})")
     dev = tensors[0].device
-    if not (dev.type == "cuda" or (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
+    if not (dev.type == "cuda" or (dev.type == "meta" and fake)
+            or (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
         raise ValueError(f"{name} (triton): tensors on {dev} are not supported; supported: CUDA tensors, "
                          "or CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter)")
 
@@ -93,13 +95,14 @@ def gelu_fwd(x: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n = xc.numel()
     if n:
-        _gelu_fwd_kernel[(cdiv(n, BLOCK),)](xc, y, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        with on_device(x):  # Triton launches on the current device: make it x's
+            _gelu_fwd_kernel[(cdiv(n, BLOCK),)](xc, y, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return y
 
 
 @gelu_fwd.register_fake
 def _(x):
-    _check("gelu", x)
+    _check("gelu", x, fake=True)
     return x.new_empty(x.shape)
 
 
@@ -113,13 +116,14 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n = xc.numel()
     if n:
-        _gelu_bwd_kernel[(cdiv(n, BLOCK),)](dyc, xc, dx, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        with on_device(x):
+            _gelu_bwd_kernel[(cdiv(n, BLOCK),)](dyc, xc, dx, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dx
 
 
 @gelu_bwd.register_fake
 def _(dy, x):
-    _check("gelu_bwd", dy, x)
+    _check("gelu_bwd", dy, x, fake=True)
     return x.new_empty(x.shape)
 
 
@@ -139,7 +143,7 @@ _EagerGelu = eager_function(  # kernels/_eager.py: the same, without the dispatc
 
 def gelu(x):
     """Same as kernels.reference.gelu: tanh-approximation GELU, output in x's dtype."""
-    if fast_path():
+    if fast_path() and not x.is_meta:  # meta tensors (shape inference): the op, whose fake implementation runs
         return _EagerGelu.apply(x)
     return gelu_fwd(x)
 

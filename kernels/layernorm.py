@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, next_power_of_2
+from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, next_power_of_2, on_device
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -250,10 +250,11 @@ def _forward(x, residual, weight, bias, eps, out_dtype):
     N = x2.shape[0]
     if N:
         block_r, block_c, num_warps = _tile(C, x.is_cuda)
-        _layer_norm_fwd_kernel[(cdiv(N, block_r),)](
-            x2, r2, y if s is None else s, weight.contiguous(), bias.contiguous(), y, mean, rstd,
-            x2.stride(0), r2.stride(0), N, C, eps,
-            BLOCK_R=block_r, BLOCK_C=block_c, HAS_RESIDUAL=residual is not None, num_warps=num_warps)
+        with on_device(x):  # Triton launches on the current device: make it x's
+            _layer_norm_fwd_kernel[(cdiv(N, block_r),)](
+                x2, r2, y if s is None else s, weight.contiguous(), bias.contiguous(), y, mean, rstd,
+                x2.stride(0), r2.stride(0), N, C, eps,
+                BLOCK_R=block_r, BLOCK_C=block_c, HAS_RESIDUAL=residual is not None, num_warps=num_warps)
     return s, y, mean, rstd
 
 
@@ -307,10 +308,11 @@ def _backward_launch(dy, x, weight, mean, rstd, ds=None):
     tiles_per_program = cdiv(tiles, _programs_target(x.device))
     programs = cdiv(tiles, tiles_per_program)
     part = torch.empty((2, programs, C), dtype=torch.float32, device=x.device)  # each program writes its rows
-    _layer_norm_bwd_kernel[(programs,)](
-        dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, ds2, part,
-        dy2.stride(0), x2.stride(0), ds2.stride(0), N, C, tiles_per_program,
-        BLOCK_R=block_r, BLOCK_C=block_c, STAGES=BWD_STAGES, HAS_DS=ds is not None, num_warps=num_warps)
+    with on_device(x):
+        _layer_norm_bwd_kernel[(programs,)](
+            dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, ds2, part,
+            dy2.stride(0), x2.stride(0), ds2.stride(0), N, C, tiles_per_program,
+            BLOCK_R=block_r, BLOCK_C=block_c, STAGES=BWD_STAGES, HAS_DS=ds is not None, num_warps=num_warps)
     return dx, part.sum(1)
 
 
@@ -387,7 +389,7 @@ def layer_norm(x, weight, bias, eps=1e-5, out_dtype=None):
     """Same as kernels.reference.layer_norm: normalize over the last dim, fp32 statistics, output in
     out_dtype (default x's dtype). weight/bias of None mean 1 and 0 (no affine gradient)."""
     weight, bias = _affine(x, weight, bias)
-    if fast_path():
+    if fast_path() and not x.is_meta:  # meta tensors (shape inference): the op, whose fake implementation runs
         return _EagerLayerNorm.apply(x, weight, bias, float(eps), out_dtype)[0]
     return layer_norm_fwd(x, weight, bias, float(eps), out_dtype)[0]
 
@@ -396,7 +398,7 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, out_dtype=None):
     """Same as kernels.reference.add_layer_norm: (s, layer_norm(s)) with s = x + residual, one kernel
     forward and one backward (where s's gradient and the LayerNorm's are summed); y in out_dtype."""
     weight, bias = _affine(x, weight, bias)
-    if fast_path():
+    if fast_path() and not x.is_meta:  # meta: the op (see layer_norm)
         return tuple(_EagerAddLayerNorm.apply(x, residual, weight, bias, float(eps), out_dtype)[:2])
     return tuple(add_layer_norm_fwd(x, residual, weight, bias, float(eps), out_dtype)[:2])
 

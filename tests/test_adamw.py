@@ -181,6 +181,37 @@ def test_lr_change_takes_effect(device):
 
 
 @requires_cuda
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("check", ["plain", "skip_nonfinite", "found_inf"])
+def test_params_on_two_gpus_one_launch_each_on_its_device(check):
+    """Params on cuda:0 and cuda:1 in one group, cuda:0 current: each device's bucket is launched under that
+    device (Triton launches on the current device: before, cuda:1's update ran on cuda:0, an illegal access
+    or a race with cuda:1's stream). Same as torch.optim.AdamW; a NaN on cuda:1 skips the step on both."""
+    devices = ["cuda:0", "cuda:1", "cuda:1", "cuda:0"]
+    init = [torch.randn(s, device=d) for s, d in zip(SMALL, devices)]
+    ours = [p.clone().requires_grad_() for p in init]
+    ref = [p.clone().requires_grad_() for p in init]
+    kw = {"skip_nonfinite": True} if check == "skip_nonfinite" else {}
+    opt, ref_opt = AdamW(ours, lr=1e-2, weight_decay=0.1, **kw), torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1)
+    with torch.cuda.device(0):
+        for _ in range(3):
+            _set_grads(ours, ref)
+            opt.step(**({"found_inf": torch.zeros((), device="cuda:1")} if check == "found_inf" else {}))
+            ref_opt.step()
+        assert len(opt._launches[0][1]) == 2  # one launch per device
+        for d in (0, 1):
+            torch.cuda.synchronize(d)
+        _compare(ours, ref, opt, ref_opt, "two GPUs:")
+        if check != "plain":
+            saved = [a.detach().clone() for a in ours]
+            _set_grads(ours, ref)
+            ours[1].grad[0] = float("nan")  # on cuda:1
+            flag = torch.ones((), device="cuda:1") if check == "found_inf" else None
+            opt.step(**({"found_inf": flag} if flag is not None else {}))
+            assert all(torch.equal(a.detach(), s) for a, s in zip(ours, saved))
+
+
+@requires_cuda
 def test_no_recompile_when_lr_changes():
     p = [torch.randn(s, device="cuda", requires_grad=True) for s in SMALL]
     opt = AdamW(_two_groups(p), lr=1e-3)

@@ -20,8 +20,10 @@ What is fused (q, k, v: (B, H, T, D), causal, scale 1/sqrt(D); S = QK^T/sqrt(D),
   dQ kernel, BLOCK_N % BLOCK_M == 0 in the dK/dV kernel.
   Strides: q, k, v (and dO) are read through their strides, so the model's views of the fused qkv
   projection ((B, T, 3C).split + view + transpose) are not copied; only a tensor whose last dim is not
-  contiguous is. Outputs (O, dQ, dK, dV) take the dimension order of their input (torch.empty_like): for
-  the model that is (B, T, H, D) memory, so its transpose(1, 2).reshape(B, T, C) after attention is free.
+  contiguous is, or one whose rows would pass int32 offsets (T * stride_t + D >= 2^31: see _INT32_ROWS).
+  Outputs (O, dQ, dK, dV) take the dimension order of their input (torch.empty_like): for the model that
+  is (B, T, H, D) memory, so its transpose(1, 2).reshape(B, T, C) after attention is free.
+  Grid: (query or key tiles, B*H); B*H over CUDA's gridDim.y limit (65535) is launched in chunks (MAX_GRID_Y).
   Dtypes: bf16 and fp16 take tensor-core dots with fp32 accumulation, P and dS are rounded to the input
   dtype before their dots (as FlashAttention does). fp32 is accepted and computed with exact fp32 dots
   (input_precision="ieee", no TF32) on the GPU and in the interpreter alike: a correctness path, slow on a
@@ -50,7 +52,6 @@ Benchmark: python bench/run.py (attention); static report: compile_specs() via k
 On a GPU each kernel is autotuned (configs and prune function below) per (next power of two of T, D, dtype);
 in the interpreter each uses one fixed small config (_INTERPRETER_CONFIG).
 """
-import contextlib
 import functools
 import math
 import os
@@ -60,7 +61,7 @@ import triton
 import triton.language as tl
 
 from kernels import BackendUnavailable
-from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, impl, next_power_of_2
+from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, impl, next_power_of_2, on_device
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -326,6 +327,13 @@ _FWD_CONFIGS = [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4
 _DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4), (16, 64, 4, 4)]
 _DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 32, 4, 4), (128, 64, 8, 4)]
 _PREPROCESS_BLOCK_M = 64
+# Only where no table config fits this GPU's shared memory by the estimate below (never at GPT-2's bf16 D=64):
+# fp32 at D=128 on an A100 (163 KiB per block; the smallest table forward tile, 64x64 s3, takes 180,480 B
+# there and failed with OutOfResources), fp32 or 16-bit D=128 on 99 KiB GPUs (sm_86 / sm_89). Smaller
+# streamed tiles, fewer stages; autotuned among themselves when several fit. test_attention.py compiles
+# them for sm_80 in fp32 at D=128 (shared memory within the limit), and compile_specs() at GPT-2's shape.
+_FALLBACK_CONFIGS = {"fwd": [(64, 32, 4, 3), (64, 32, 4, 2)], "dkdv": [(16, 32, 4, 2)],
+                     "dq": [(64, 32, 4, 2), (32, 16, 4, 2)]}
 
 # Without a GPU: one small config per kernel, uneven (BLOCK_M != BLOCK_N) so the interpreter exercises
 # the diagonal stage with several steps, as the GPU configs do.
@@ -344,22 +352,35 @@ def _configs(table):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table]
 
 
+def _smem_bytes(kind, config, head_dim, elem):
+    """The prune's shared-memory estimate of one config, bytes (conservative: sm_90 allocates it in full)."""
+    return _SMEM_TILES[kind](config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], head_dim, config.num_stages) * elem
+
+
 def _prune(kind):
-    """early_config_prune for one kernel: drop tiles larger than T needs (the rows would be padding) and
-    configs whose estimated shared memory exceeds this GPU's per-block limit. Never returns nothing."""
+    """early_config_prune for one kernel: drop configs whose estimated shared memory exceeds this GPU's
+    per-block limit (when none of the table fits: the fallback configs that do), then tiles larger than
+    T needs (the rows would be padding); when that leaves none (tiny T), the fitting config with the least
+    shared memory. Never returns nothing, never a config over the limit: when even the fallbacks do not
+    fit, raises BackendUnavailable."""
+    fallback = _configs(_FALLBACK_CONFIGS[kind])
 
     def prune(configs, named_args, **kwargs):
         t_cap = max(16, named_args["T_BUCKET"])
         d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        elem = named_args["Q"].element_size()
-        props = torch.cuda.get_device_properties(named_args["Q"].device)
+        q = named_args["Q"]
+        props = torch.cuda.get_device_properties(q.device)
         limit = getattr(props, "shared_memory_per_block_optin", 99 * 1024)
-        kept = [c for c in configs
-                if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= t_cap
-                and _SMEM_TILES[kind](c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], d, c.num_stages) * elem <= limit]
-        if not kept:  # tiny T or a huge fp32 tile: the smallest config
-            kept = [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
-        return kept
+        smem = lambda c: _smem_bytes(kind, c, d, q.element_size())  # noqa: E731
+        fitting = [c for c in configs if smem(c) <= limit] or [c for c in fallback if smem(c) <= limit]
+        if not fitting:
+            least = min(smem(c) for c in fallback)
+            raise BackendUnavailable(
+                f"attention (triton): no {kind} kernel config fits this GPU's shared memory for {q.dtype} at "
+                f"D = {d}: the smallest needs ~{least} B, the limit per block is {limit} B; use float16 / "
+                "bfloat16 or a smaller head dim")
+        kept = [c for c in fitting if max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) <= t_cap]
+        return kept or [min(fitting, key=lambda c: (smem(c), c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]))]
 
     return prune
 
@@ -374,19 +395,12 @@ _attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, "dkdv", _DKDV_CONFIGS)
 _attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, "dq", _DQ_CONFIGS)
 
 
-def _on_device(t):
-    """Triton launches on the current CUDA device: make it t's (a no-op context when it already is)."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
-
-
 def _launch(autotuned, kind, grid_rows, bh, args, consts):
-    """On a GPU: the autotuned kernel, grid from the chosen config. In the interpreter: the fixed config."""
+    """On a GPU: the autotuned kernel, grid from the chosen config. In the interpreter: the fixed config.
+    The caller makes the tensors' device current (on_device) and keeps bh <= MAX_GRID_Y (_bh_chunks)."""
     if args[0].is_cuda:
         grid = lambda meta: (cdiv(grid_rows, meta["BLOCK_M" if kind != "dkdv" else "BLOCK_N"]), bh)
-        with _on_device(args[0]):
-            autotuned[grid](*args, **consts)
+        autotuned[grid](*args, **consts)
     else:
         bm, bn = _INTERPRETER_CONFIG[kind]
         rows = bn if kind == "dkdv" else bm
@@ -420,7 +434,9 @@ def _interpreter_bf16_dot_error():
             f"off by {err:.3g}); on the CPU use float16 or float32, or run on a CUDA GPU")
 
 
-def _check(q, k, v, probe=True):
+def _check(q, k, v, fake=False):
+    """Argument checks of both ops. fake=True (the fake implementations): meta tensors are fine (shape
+    inference), and the interpreter's bf16 probe is left to the real call."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention (triton): {name} must be a tensor, got {type(t).__name__}")
@@ -438,26 +454,67 @@ def _check(q, k, v, probe=True):
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention (triton): q, k, v on different devices ({q.device}, {k.device}, {v.device})")
     dev = q.device
-    if dev.type not in ("cuda", "meta") and not (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if not (dev.type == "cuda" or (dev.type == "meta" and fake)
+            or (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
         raise ValueError(f"attention (triton): tensors on {dev} are not supported; supported: CUDA tensors, "
                          "or CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter)")
-    if probe and dev.type == "cpu" and q.dtype == torch.bfloat16 and _interpreter_bf16_dot_error():
+    T, D = q.shape[2], q.shape[3]
+    if T * D + D >= _INT32_ROWS:
+        raise ValueError(f"attention (triton): T = {T} is too long at D = {D}: one (batch, head) slice must hold "
+                         f"fewer than 2^31 elements (the kernels' row offsets are int32)")
+    if not fake and dev.type == "cpu" and q.dtype == torch.bfloat16 and _interpreter_bf16_dot_error():
         raise BackendUnavailable(f"attention (triton): {_interpreter_bf16_dot_error()}")
 
 
-def _unit_last(t):
-    """The kernels index the last dim with stride 1; other strides are passed as they are."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+# The kernels offset each (batch, head) slice in int64 (b * stride_b + h * stride_h) but its rows in int32
+# (offs_m * stride_t, start_n * stride_t: cheaper address math, and the register profile the configs were
+# tuned with). Triton passes a stride >= 2^31 as int64, but a smaller one with T * stride_t >= 2^31 wraps
+# around (a view with a huge row stride: wrong rows or a crash). So no tensor reaches a kernel with
+# T * stride_t + D >= _INT32_ROWS: such an input is copied to (B, H, T, D) contiguous memory first (stride_t
+# = D; _check rejects a T for which even that overflows), such an output is allocated that way (_like).
+_INT32_ROWS = 2**31
+
+# CUDA caps gridDim.y, where every launch puts its (batch, head) pairs, at 65535 (Triton passes the grid on
+# unchecked): a bigger B * H is launched in chunks of the batch (or of the heads, when H alone is bigger).
+MAX_GRID_Y = 65535
+
+
+def _kernel_layout(t):
+    """t as the kernels may read it: a unit last-dim stride (else a contiguous copy), and rows within
+    int32 offsets (else a contiguous copy; see _INT32_ROWS). Other strides are passed as they are."""
+    _, _, T, D = t.shape
+    _, _, stride_t, stride_d = t.stride()  # one call each: this runs per tensor per call (host time)
+    if stride_d != 1 and D != 1:
+        t = t.contiguous()
+        stride_t = t.stride(2)
+    if T * stride_t + D >= _INT32_ROWS:  # not .contiguous(): at T = 1 it would keep the stride
+        t = torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+    return t
 
 
 def _like(t):
     """An output (B, H, T, D) in (B, T, H, D) memory when t is laid out that way (the model's views of the
-    qkv projection: the transpose(1, 2).reshape(B, T, C) after attention is then free), else contiguous.
-    Explicit, not empty_like: for a non-dense view empty_like's layout is not guaranteed."""
+    qkv projection: the transpose(1, 2).reshape(B, T, C) after attention is then free) and its rows fit
+    int32 offsets (T * H * D + D < 2^31), else contiguous. Explicit, not empty_like: for a non-dense view
+    empty_like's layout is not guaranteed."""
     B, H, T, D = t.shape
-    if H > 1 and T > 1 and t.stride(2) > t.stride(1):
+    if H > 1 and T > 1 and t.stride(2) > t.stride(1) and T * H * D + D < _INT32_ROWS:
         return torch.empty((B, T, H, D), dtype=t.dtype, device=t.device).transpose(1, 2)
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def _bh_chunks(*tensors):
+    """Views of (B, H, ...) tensors, one tuple per launch, each with at most MAX_GRID_Y (batch, head) pairs:
+    the tensors themselves when B * H fits (the usual case: no slicing), else ranges of whole batch rows, or,
+    when H alone is over the limit, ranges of heads within each batch row. The contiguous (B, H, T) LSE / delta
+    stay contiguous in either kind of view, as the kernels index them (bh * T)."""
+    B, H, _, _ = tensors[0].shape
+    if B * H <= MAX_GRID_Y:
+        return (tensors,)
+    if H <= MAX_GRID_Y:
+        step = MAX_GRID_Y // H
+        return [tuple(t[b:b + step] for t in tensors) for b in range(0, B, step)]
+    return [tuple(t[b:b + 1, h:h + MAX_GRID_Y] for t in tensors) for b in range(B) for h in range(0, H, MAX_GRID_Y)]
 
 
 def _strides(t):
@@ -474,22 +531,26 @@ def _dot_prec(dtype):
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out: (B, H, T, D) in q's dtype and dimension order; lse: (B, H, T) fp32, natural log)."""
     _check(q, k, v)
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = _kernel_layout(q), _kernel_layout(k), _kernel_layout(v)
     B, H, T, D = q.shape
     o = _like(q)
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     if o.numel():
-        args = (q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T,
-                next_power_of_2(T), LOG2E / math.sqrt(D))
-        _launch(_attn_fwd, "fwd", T, B * H, args, dict(HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype)))
+        scales = (next_power_of_2(T), LOG2E / math.sqrt(D))
+        consts = dict(HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype))
+        with on_device(q):
+            for qc, kc, vc, oc, lc in _bh_chunks(q, k, v, o, lse):
+                Hc = qc.shape[1]
+                args = (qc, kc, vc, oc, lc, *_strides(qc), *_strides(kc), *_strides(vc), *_strides(oc), Hc, T, *scales)
+                _launch(_attn_fwd, "fwd", T, qc.shape[0] * Hc, args, consts)
     return o, lse
 
 
 @attention_fwd.register_fake
 def _(q, k, v):
-    _check(q, k, v, probe=False)  # fake tensors: the probe runs with the real call
+    _check(q, k, v, fake=True)  # fake or meta tensors: the probe runs with the real call
     B, H, T, D = q.shape
-    return _like(_unit_last(q)), q.new_empty((B, H, T), dtype=torch.float32)
+    return _like(_kernel_layout(q)), q.new_empty((B, H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("gpt2k::attention_bwd", mutates_args=())
@@ -503,7 +564,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
         raise ValueError(f"attention_bwd (triton): lse {tuple(lse.shape)} {lse.dtype} on {lse.device} must be float32 "
                          f"of shape {tuple(q.shape[:3])} on {q.device} (as attention_fwd returns it)")
-    q, k, v, o, do = (_unit_last(t) for t in (q, k, v, o, do))
+    q, k, v, o, do = (_kernel_layout(t) for t in (q, k, v, o, do))
     B, H, T, D = q.shape
     dq, dk, dv = _like(q), _like(k), _like(v)
     if not q.numel():
@@ -511,22 +572,25 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     bm = _PREPROCESS_BLOCK_M if q.is_cuda else _INTERPRETER_CONFIG["fwd"][0]
-    with _on_device(q):
-        _attn_bwd_preprocess_kernel[(cdiv(T, bm), B * H)](
-            o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=bm)
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     scales = (next_power_of_2(T), 1.0 / math.sqrt(D), LOG2E / math.sqrt(D))
     consts = dict(HEAD_DIM=D, DOT_PREC=_dot_prec(q.dtype))
-    _launch(_attn_bwd_dkdv, "dkdv", T, B * H,
-            (q, k, v, do, dk, dv, lse, delta, *common, *_strides(dk), *_strides(dv), H, T, *scales), consts)
-    _launch(_attn_bwd_dq, "dq", T, B * H,
-            (q, k, v, do, dq, lse, delta, *common, *_strides(dq), H, T, *scales), consts)
+    with on_device(q):
+        for qc, kc, vc, oc, doc, dqc, dkc, dvc, lc, dc in _bh_chunks(q, k, v, o, do, dq, dk, dv, lse, delta):
+            Hc = qc.shape[1]
+            bh = qc.shape[0] * Hc
+            _attn_bwd_preprocess_kernel[(cdiv(T, bm), bh)](
+                oc, doc, dc, *_strides(oc), *_strides(doc), Hc, T, HEAD_DIM=D, BLOCK_M=bm)
+            common = (*_strides(qc), *_strides(kc), *_strides(vc), *_strides(doc))
+            _launch(_attn_bwd_dkdv, "dkdv", T, bh,
+                    (qc, kc, vc, doc, dkc, dvc, lc, dc, *common, *_strides(dkc), *_strides(dvc), Hc, T, *scales), consts)
+            _launch(_attn_bwd_dq, "dq", T, bh,
+                    (qc, kc, vc, doc, dqc, lc, dc, *common, *_strides(dqc), Hc, T, *scales), consts)
     return dq, dk, dv
 
 
 @attention_bwd.register_fake
 def _(do, q, k, v, o, lse):
-    return _like(_unit_last(q)), _like(_unit_last(k)), _like(_unit_last(v))
+    return _like(_kernel_layout(q)), _like(_kernel_layout(k)), _like(_kernel_layout(v))
 
 
 def _setup_context(ctx, inputs, output):
@@ -548,7 +612,7 @@ _EagerAttention = eager_function(  # kernels/_eager.py: the same, without the di
 
 def attention(q, k, v):
     """Same as kernels.reference.attention: causal softmax(q k^T / sqrt(D)) v for q, k, v (B, H, T, D)."""
-    if fast_path():
+    if fast_path() and not q.is_meta:  # meta tensors (shape inference): the op, whose fake implementation runs
         return _EagerAttention.apply(q, k, v)[0]
     return attention_fwd(q, k, v)[0]
 
@@ -556,9 +620,10 @@ def attention(q, k, v):
 # ---- ahead-of-time compile specs (GPT-2 shapes) --------------------------------------------------
 
 def compile_specs():
-    """Every kernel with every autotune config at GPT-2's shape as the model calls it: bf16, D=64, T=1024,
-    q/k/v views of the (B, T, 3C) projection (stride_t = 3C = 2304, stride_h = 64), outputs (B, T, H, D)
-    memory. The JIT sees every pointer, stride, T and T_BUCKET divisible by 16 there; H = 12 is not."""
+    """Every kernel with every autotune config (and the shared-memory fallbacks: never chosen there, compiled
+    to check them) at GPT-2's shape as the model calls it: bf16, D=64, T=1024, q/k/v views of the (B, T, 3C)
+    projection (stride_t = 3C = 2304, stride_h = 64), outputs (B, T, H, D) memory. The JIT sees every
+    pointer, stride, T and T_BUCKET divisible by 16 there; H = 12 is not."""
     bf, f32, i32 = "*bf16", "*fp32", "i32"
 
     def strided(*names):
@@ -580,9 +645,11 @@ def compile_specs():
     for kind, fn, sig, table in (("fwd", _attn_fwd, fwd_sig, _FWD_CONFIGS),
                                  ("bwd_dkdv", _attn_bwd_dkdv, dkdv_sig, _DKDV_CONFIGS),
                                  ("bwd_dq", _attn_bwd_dq, dq_sig, _DQ_CONFIGS)):
-        for bm, bn, warps, stages in table:
+        fallback = _FALLBACK_CONFIGS[kind.replace("bwd_", "")]
+        for bm, bn, warps, stages in table + fallback:
+            label = " (fallback)" if (bm, bn, warps, stages) in fallback else ""
             specs.append(AotSpec(
-                name=f"attention_{kind} bf16 D=64 T=1024 BLOCK_M={bm} BLOCK_N={bn} w{warps} s{stages}", fn=fn.fn,
+                name=f"attention_{kind} bf16 D=64 T=1024 BLOCK_M={bm} BLOCK_N={bn} w{warps} s{stages}{label}", fn=fn.fn,
                 signature={**sig, "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                            "DOT_PREC": "constexpr"},
                 constexprs={"HEAD_DIM": 64, "BLOCK_M": bm, "BLOCK_N": bn, "DOT_PREC": "tf32"},

@@ -202,7 +202,8 @@ def test_empty_batch(device):
 
 
 def test_compiles_for_sm80_sm90_without_spills():
-    """Every kept autotune config of every kernel, at D=64, T=1024, bf16: zero spills, shared memory fits."""
+    """Every kept autotune config (and fallback config) of every kernel, at D=64, T=1024, bf16: zero spills,
+    shared memory fits."""
     from concurrent.futures import ThreadPoolExecutor
 
     from kernels import attention as mod
@@ -211,7 +212,8 @@ def test_compiles_for_sm80_sm90_without_spills():
     with ThreadPoolExecutor(2) as pool:  # one compiler subprocess per architecture
         rows = [r for rs in pool.map(lambda arch: static_report(["kernels.attention"], archs=(arch,)), (80, 90))
                 for r in rs]
-    assert len(rows) == 2 * (len(mod._FWD_CONFIGS) + len(mod._DKDV_CONFIGS) + len(mod._DQ_CONFIGS) + 1)
+    fallbacks = sum(len(c) for c in mod._FALLBACK_CONFIGS.values())  # compiled too: no spills at this shape
+    assert len(rows) == 2 * (len(mod._FWD_CONFIGS) + len(mod._DKDV_CONFIGS) + len(mod._DQ_CONFIGS) + fallbacks + 1)
     problems = [f"{r['name']} {r['arch']}: {r.get('error') or check_report(r)}" for r in rows
                 if "error" in r or check_report(r)]
     assert not problems, "\n".join(problems)
@@ -271,3 +273,159 @@ def test_bf16_in_the_interpreter_raises_instead_of_computing_garbage():
         attention(q, k, v)
     for dtype in (torch.float16, torch.float32):  # the probe does not block what works
         attention(q.to(dtype), k.to(dtype), v.to(dtype))
+
+
+# ---- int32 row offsets, gridDim.y, shared-memory fallback (review fixes) ----------------------------------
+
+def _huge_stride_views(T, D, dtype, n, device):
+    """n (1, 1, T, D) views into one buffer with row stride S = 2^27: the last row starts at element
+    (T - 1) * 2^27 >= 2^31 for T >= 17, past int32 row offsets. The buffer is ~4 GiB of address space,
+    but only the rows' pages are ever touched (torch.empty does not write it)."""
+    S = 1 << 27
+    store = torch.empty((T - 1) * S + n * D, dtype=dtype, device=device)
+    views = [store[i * D:].as_strided((1, 1, T, D), (0, 0, S, 1)) for i in range(n)]
+    for v in views:
+        v.copy_(torch.randn(1, 1, T, D, device=device).to(dtype))
+    return views
+
+
+def check_rows_past_int32_offsets(T, device):
+    q, k, v, do = _huge_stride_views(T, 32, torch.float16, 4, device)
+    assert T * q.stride(2) >= 2**31
+    out, lse = attention_fwd(q, k, v)
+    dq, dk, dv = attention_bwd(do, q, k, v, out, lse)
+    want = run(attention64, *(t.contiguous() for t in (q, k, v)), do.contiguous().double())
+    base = run(reference.attention, *(t.contiguous() for t in (q, k, v)), do.contiguous())
+    for name, g, t, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), want, base):
+        assert g.is_contiguous(), name
+        assert_close(g, t, b, atol=ATOL[torch.float16], name=name)
+
+
+def test_rows_past_int32_offsets_are_copied(device):
+    """A view whose rows lie 2^27 elements apart: T * stride_t >= 2^31 used to wrap the kernels' int32 row
+    offsets (wrong rows or an illegal address on a GPU; a segfault in the interpreter). The launcher now hands
+    the kernels a contiguous copy of such an input: forward and backward match float64, outputs come back
+    contiguous. In a subprocess: a regression crashes it, not the test session (or the CUDA context)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("from tests.test_attention import check_rows_past_int32_offsets as check\n"
+            f"for T in (17, 40):\n    check(T, {device!r})\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.returncode, out.stderr[-3000:])
+
+
+def test_int32_row_limit_decides_the_layout(monkeypatch, device):
+    """The rule itself, with the limit lowered: an input whose T * stride_t + D reaches it is copied to
+    (B, H, T, D) memory, and an output that would (the model's (B, T, H, D) layout) is allocated contiguous;
+    the real fake implementation agrees (torch.compile / meta)."""
+    B, H, T, D = 1, 2, 45, 32
+    q, k, v = model_views(B, H, T, D, torch.float16, device)  # stride_t = 3 * H * D = 192
+    assert A._kernel_layout(q) is q and A._like(q).stride(2) == H * D
+    monkeypatch.setattr(A, "_INT32_ROWS", T * 3 * H * D)  # q's rows reach it, a (B, T, H, D) output's do not
+    qk = A._kernel_layout(q)
+    assert qk is not q and qk.stride() == (H * T * D, T * D, D, 1) and torch.equal(qk, q)
+    assert A._like(q).stride(2) == H * D
+    monkeypatch.setattr(A, "_INT32_ROWS", T * H * D)  # now a (B, T, H, D) output's rows reach it too
+    assert A._like(q).is_contiguous()
+    out = attention_fwd(q, k, v)[0]
+    assert out.is_contiguous()
+    fake = attention_fwd(*(torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in (q, k, v)))[0]
+    assert fake.stride() == out.stride()
+    monkeypatch.undo()
+    assert torch.equal(out, attention_fwd(q, k, v)[0])
+
+
+@pytest.mark.parametrize("B,H,limit", [(3, 2, 4), (2, 5, 3)], ids=["batch_chunks", "head_chunks"])
+def test_launches_respect_the_grid_y_limit(B, H, limit, monkeypatch, device):
+    """Each launch puts its (batch, head) pairs on the grid's y axis, which CUDA caps at 65535. With the
+    limit lowered, a bigger B * H is launched in chunks (of the batch; of the heads when H alone is over
+    it), every launch within the limit, with bitwise the results of one launch."""
+    q, k, v, do = inputs(B, H, 37, 32, torch.float16, device)
+    whole = run(attention, q, k, v, do)
+    grids = []
+    launch = A._launch
+    monkeypatch.setattr(A, "_launch", lambda fn, kind, rows, bh, args, consts: (
+        grids.append(bh), launch(fn, kind, rows, bh, args, consts)))
+    monkeypatch.setattr(A, "MAX_GRID_Y", limit)
+    chunked = run(attention, q, k, v, do)
+    assert len(grids) > 3 and max(grids) <= limit and sum(grids) == 3 * B * H  # fwd, dK/dV, dQ kernels
+    for name, a, b in zip(("out", "dq", "dk", "dv"), chunked, whole):
+        assert torch.equal(a, b), name
+
+
+_SMEM = {"A100": 166912, "H100": 232448, "RTX 4090": 101376}
+
+
+@pytest.mark.parametrize("gpu", list(_SMEM))
+def test_prune_never_returns_a_config_over_shared_memory(gpu, monkeypatch):
+    """For every dtype and head dim at short and long T, the pruned configs fit the GPU's shared memory by
+    the estimate. fp32 at D=128 on an A100 used to fall back to the forward's 64x64 s3 tile (180,480 B of
+    shared memory on sm_80 > 166,912: OutOfResources at launch)."""
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(shared_memory_per_block_optin=_SMEM[gpu])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    for kind, table in (("fwd", A._FWD_CONFIGS), ("dkdv", A._DKDV_CONFIGS), ("dq", A._DQ_CONFIGS)):
+        for dtype in A.DTYPES:
+            for D in A.HEAD_DIMS:
+                for t_bucket in (1, 16, 1024):
+                    q = torch.empty(1, 1, 1, D, dtype=dtype)
+                    kept = A._prune(kind)(A._configs(table), {"T_BUCKET": t_bucket, "Q": q}, HEAD_DIM=D)
+                    assert kept
+                    for c in kept:
+                        assert A._smem_bytes(kind, c, D, q.element_size()) <= _SMEM[gpu], (kind, dtype, D, c)
+
+
+def test_prune_raises_when_nothing_fits(monkeypatch):
+    from types import SimpleNamespace
+
+    props = SimpleNamespace(shared_memory_per_block_optin=16 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    q = torch.empty(1, 1, 1, 128, dtype=torch.float32)
+    with pytest.raises(kernels.BackendUnavailable, match="shared memory.*16384 B"):
+        A._prune("fwd")(A._configs(A._FWD_CONFIGS), {"T_BUCKET": 1024, "Q": q}, HEAD_DIM=128)
+
+
+def test_fp32_d128_configs_fit_an_a100():
+    """What the prune picks for fp32 at D=128 on an A100, compiled for sm_80 (no GPU needed): its real
+    shared memory is within the 166,912 B limit (register spills are expected: fp32 is the slow path)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+    from unittest import mock
+
+    picked = {}
+    props = SimpleNamespace(shared_memory_per_block_optin=_SMEM["A100"])
+    with mock.patch.object(torch.cuda, "get_device_properties", lambda device: props):
+        q = torch.empty(1, 1, 1, 128, dtype=torch.float32)
+        for kind, table in (("fwd", A._FWD_CONFIGS), ("dkdv", A._DKDV_CONFIGS), ("dq", A._DQ_CONFIGS)):
+            kept = A._prune(kind)(A._configs(table), {"T_BUCKET": 1024, "Q": q}, HEAD_DIM=128)
+            picked[kind] = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept]
+    script = f"""
+import dataclasses, json
+from kernels import attention as A
+from kernels._triton_utils import aot_compile
+picked = {picked!r}
+rows = []
+for s in A.compile_specs():
+    kind = s.name.split()[0].replace("attention_", "").replace("bwd_", "")
+    if kind in picked and any(f"BLOCK_M={{bm}} BLOCK_N={{bn}} w{{w}} s{{st}}" in s.name for bm, bn, w, st in picked[kind]):
+        sig = {{k: v.replace("bf16", "fp32") for k, v in s.signature.items()}}
+        spec = dataclasses.replace(s, signature=sig, constexprs=dict(s.constexprs, HEAD_DIM=128, DOT_PREC="ieee"))
+        r = aot_compile(spec, 80)
+        rows.append((s.name, r["shared_bytes"], r["shared_limit"]))
+print(json.dumps(rows))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(rows) == sum(len(v) for v in picked.values()), (rows, picked)
+    for name, shared, limit in rows:
+        assert limit == _SMEM["A100"] and shared <= limit, (name, shared)

@@ -222,8 +222,8 @@ def _check_device(t, where):
     if t.device.type == "cuda" and not _state["cuda"]:
         raise RuntimeError(f"{where}: the classifier extension was built without CUDA (no CUDA toolkit was found "
                            "when it was built, or GPT2K_BUILD_CUDA=0); it runs on CPU tensors only here")
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{where}: logits on {t.device}; supported devices: cpu, cuda")
+    if t.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{where}: logits on {t.device}; supported devices: cpu, cuda (and meta, for shapes)")
 
 
 def cross_entropy(logits, targets, ignore_index=-1, vocab_size=None):
@@ -241,11 +241,11 @@ def cross_entropy(logits, targets, ignore_index=-1, vocab_size=None):
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     t = targets.reshape(-1).contiguous()
     args = (x, t, ignore_index, vocab_size, compute_grad, CHECK_ROWS)
-    if fast_path():  # kernels/_eager.py: skip the op's Python autograd layer in eager mode
+    if fast_path() and not x.is_meta:  # kernels/_eager.py: skip the op's Python autograd layer in eager mode
         loss = _EagerCrossEntropy.apply(*args)[0]
-    else:
+    else:  # (meta tensors, shape inference: the op's fake implementation)
         loss, _ = torch.ops.gpt2k_cuda.cross_entropy_fwd(*args)
-    if CHECK_ROWS and not torch.compiler.is_compiling():
+    if CHECK_ROWS and not torch.compiler.is_compiling() and not x.is_meta:
         from kernels.linear_cross_entropy import check_loss
 
         # the op itself names an all -inf row or a bad target; NaN / +inf logits show up as a NaN loss

@@ -192,3 +192,24 @@ def test_layer_norms_write_the_autocast_dtype(spec, device, monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
         else:  # the interpreter truncates bf16 stores (biased): close relative to each tensor's scale
             assert (a - b).abs().max() <= 2e-2 * b.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("spec", ["torch", "triton", "triton,cross_entropy=cuda", "triton,linear_cross_entropy=triton"])
+def test_meta_device_shape_inference(spec):
+    """`with torch.device("meta")`: build the model and run forward + backward without memory or compute
+    (shape and memory planning). Every backend's ops take their fake implementations there."""
+    import kernels
+
+    try:
+        kernels.get_ops(spec)
+    except kernels.BackendUnavailable as e:
+        pytest.skip(str(e))
+    with torch.device("meta"):
+        model = GPT(GPTConfig.preset("tiny"), kernels=spec)
+        idx = torch.zeros(2, 16, dtype=torch.long)
+        logits, loss = model(idx, idx)
+        loss.backward()
+    V = model.config.vocab_size
+    assert loss.is_meta and loss.shape == ()
+    assert logits is None if "linear_cross_entropy" in spec else logits.shape == (2, 16, V)
+    assert all(p.grad is not None and p.grad.is_meta and p.grad.shape == p.shape for p in model.parameters())

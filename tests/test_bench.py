@@ -285,13 +285,14 @@ def test_baselines_can_be_graph_timed(monkeypatch):
 
     import torch._functorch.config as functorch_config
 
-    monkeypatch.setattr(functorch_config, "donated_buffer", True)  # restored after the test
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))  # fast
-    b = specs.Bench("layer_norm", {"N": 4, "C": 8}, "float32")
-    fn = run.build_provider(b, "compile")
-    forward, dy, _ = run._prepare(b, fn, "cpu")  # the first backward, without retain_graph
-    run._backward(forward(), dy, retain_graph=True)
-    assert functorch_config.donated_buffer is False
+    # config.patch, not monkeypatch: torch 2.11's config module loses the entry on monkeypatch's undo
+    with functorch_config.patch(donated_buffer=True):  # restored on exit
+        b = specs.Bench("layer_norm", {"N": 4, "C": 8}, "float32")
+        fn = run.build_provider(b, "compile")
+        forward, dy, _ = run._prepare(b, fn, "cpu")  # the first backward, without retain_graph
+        run._backward(forward(), dy, retain_graph=True)
+        assert functorch_config.donated_buffer is False
     for name in ("foreach", "fused"):
         opt = run.build_provider(specs.Bench("AdamW", {"params": 8}, "float32"), name)([torch.zeros(8)], lr=1e-3)
         assert opt.defaults["capturable"] is True and opt.defaults[name] is True

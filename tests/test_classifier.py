@@ -150,6 +150,15 @@ def test_nan_or_plus_inf_logit_raises(bad):
         C.cross_entropy(logits, targets, -1, 40)
 
 
+def unchecked_loss(logits, targets, vocab_size):
+    """C.cross_entropy with the per-call row check off (as in training): an invalid row gives a NaN loss."""
+    old, C.CHECK_ROWS = C.CHECK_ROWS, False
+    try:
+        return C.cross_entropy(logits, targets, -1, vocab_size)
+    finally:
+        C.CHECK_ROWS = old
+
+
 @pytest.mark.parametrize("where", ["first chunk all NaN", "NaN among -inf at the start", "whole row NaN"])
 def test_nan_where_the_running_max_is_still_minus_inf(where):
     """A NaN met while every logit so far is -inf (max() skips NaN) used to be dropped with its chunk: a
@@ -166,12 +175,7 @@ def test_nan_where_the_running_max_is_still_minus_inf(where):
     assert torch.isnan(R.cross_entropy(logits, targets, -1, 200))
     with pytest.raises(ValueError, match="NaN"):
         C.cross_entropy(logits, targets, -1, 200)
-    old, C.CHECK_ROWS = C.CHECK_ROWS, False
-    try:
-        loss = C.cross_entropy(logits, targets, -1, 200)
-    finally:
-        C.CHECK_ROWS = old
-    assert torch.isnan(loss)
+    assert torch.isnan(unchecked_loss(logits, targets, 200))
     assert torch.isnan(C.fused_ce_(logits.clone(), targets, -1, 200))
 
 
@@ -180,12 +184,7 @@ def test_invalid_target_raises_or_marks_nan():
     targets[2] = 40  # a padded column is not a valid target
     with pytest.raises(ValueError, match="row 2 has target 40, outside"):
         C.cross_entropy(logits, targets, -1, 40)
-    old, C.CHECK_ROWS = C.CHECK_ROWS, False
-    try:
-        loss = C.cross_entropy(logits, targets, -1, 40)
-    finally:
-        C.CHECK_ROWS = old
-    assert torch.isnan(loss)
+    assert torch.isnan(unchecked_loss(logits, targets, 40))
 
 
 def test_bad_inputs_name_what_is_supported():

@@ -82,7 +82,7 @@ class GPTConfig:
 def matmul_dtype(x):
     """The dtype a matmul on x computes in: autocast's when it is on for x's device, else None (x's own)."""
     device = x.device.type
-    if device == "meta" or not torch.amp.is_autocast_available(device):  # meta: shape inference only
+    if device == "meta":  # shape inference: autocast has no meta device (and is_autocast_available breaks dynamo's graph)
         return None
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 

@@ -152,7 +152,7 @@ _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_conte
 
 def _compute_dtype(hidden, weight):
     device = hidden.device.type
-    if device != "meta" and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if device != "meta" and torch.is_autocast_enabled(device):  # (autocast has no meta device)
         return torch.get_autocast_dtype(device)
     if hidden.dtype != weight.dtype:
         raise ValueError(f"linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}; "

@@ -25,6 +25,7 @@ Every launch in the kernel modules runs under `on_device(t)`: a no-op when t's d
 """
 import contextlib
 import functools
+import os
 
 import torch
 from torch._C import _functions
@@ -52,6 +53,20 @@ def on_device(t):
     if t.is_cuda and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return _SAME_DEVICE
+
+
+def check_devices(name, *tensors, meta_ok=False):
+    """Where our Triton kernels run: every tensor on one device, which is CUDA, or the CPU under
+    TRITON_INTERPRET=1 (Triton's interpreter), or meta when meta_ok (fake implementations: shapes only).
+    Else ValueError naming the op `name`."""
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != dev:
+            raise ValueError(f"{name} (triton): tensors on different devices ({dev} and {t.device})")
+    if dev.type == "cuda" or (dev.type == "meta" and meta_ok) or (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return
+    raise ValueError(f"{name} (triton): tensors on {dev} are not supported; supported: CUDA tensors, "
+                     "or CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter)")
 
 
 def once_differentiable(backward, name="backward"):

@@ -54,14 +54,14 @@ in the interpreter each uses one fixed small config (_INTERPRETER_CONFIG).
 """
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels import BackendUnavailable
-from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, impl, next_power_of_2, on_device
+from kernels._eager import (auxiliary_outputs, cdiv, check_devices, eager_function, fast_path, impl,
+                            next_power_of_2, on_device)
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -451,13 +451,8 @@ def _check(q, k, v, fake=False):
         raise TypeError(f"attention (triton): q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"attention (triton): head dim D = {q.shape[-1]} not supported; supported: 32, 64, 128")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"attention (triton): q, k, v on different devices ({q.device}, {k.device}, {v.device})")
+    check_devices("attention", q, k, v, meta_ok=fake)
     dev = q.device
-    if not (dev.type == "cuda" or (dev.type == "meta" and fake)
-            or (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
-        raise ValueError(f"attention (triton): tensors on {dev} are not supported; supported: CUDA tensors, "
-                         "or CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter)")
     T, D = q.shape[2], q.shape[3]
     if T * D + D >= _INT32_ROWS:
         raise ValueError(f"attention (triton): T = {T} is too long at D = {D}: one (batch, head) slice must hold "

@@ -17,13 +17,12 @@ At 16384 x 3072 bf16: fwd 201 MB, bwd 302 MB. Total equals the floor: every elem
 Test: pytest tests/test_gelu.py. Benchmark: python bench/run.py (gelu); static report: compile_specs().
 """
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._eager import cdiv, eager_function, fast_path, impl, on_device
+from kernels._eager import cdiv, check_devices, eager_function, fast_path, impl, on_device
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -78,13 +77,7 @@ def _check(name, *tensors, fake=False):
     for t in tensors:
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} (triton): dtype {t.dtype} not supported; supported: float32, bfloat16, float16")
-        if t.device != tensors[0].device:
-            raise ValueError(f"{name} (triton): tensors on different devices ({tensors[0].device} and {t.device})")
-    dev = tensors[0].device
-    if not (dev.type == "cuda" or (dev.type == "meta" and fake)
-            or (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")):
-        raise ValueError(f"{name} (triton): tensors on {dev} are not supported; supported: CUDA tensors, "
-                         "or CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter)")
+    check_devices(name, *tensors, meta_ok=fake)
 
 
 @torch.library.custom_op("gpt2k::gelu_fwd", mutates_args=())

@@ -39,14 +39,14 @@ Test: pytest tests/test_layernorm.py (interpreter on CPU, real kernel on a GPU).
 Benchmark: python bench/run.py (layer_norm); static report: compile_specs() via kernels/_triton_utils.py.
 """
 import functools
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, next_power_of_2, on_device
+from kernels._eager import (auxiliary_outputs, cdiv, check_devices, eager_function, fast_path, next_power_of_2,
+                            on_device)
 from kernels._triton_utils import AotSpec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -176,17 +176,6 @@ def _programs_target(device):
 
 # ---- checks ------------------------------------------------------------------------------------
 
-def _check_device(*tensors):
-    for t in tensors:
-        if t.device != tensors[0].device:
-            raise ValueError(f"layer_norm (triton): tensors on different devices ({tensors[0].device} and {t.device})")
-    dev = tensors[0].device
-    if dev.type == "cuda" or (dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return
-    raise ValueError(f"layer_norm (triton): tensors on {dev} are not supported; supported: CUDA tensors, "
-                     "or CPU tensors when TRITON_INTERPRET=1 (Triton's interpreter)")
-
-
 def _check(x, weight, bias, out_dtype=None):
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t.dtype not in DTYPES:
@@ -263,7 +252,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
                    out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (y in out_dtype or x's dtype, contiguous; mean (x.shape[:-1]) fp32; rstd fp32)."""
     _check(x, weight, bias, out_dtype)
-    _check_device(x, weight, bias)
+    check_devices("layer_norm", x, weight, bias)
     return _forward(x, None, weight, bias, eps, out_dtype)[1:]
 
 
@@ -281,7 +270,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     """-> (s = x + residual in PyTorch's promotion of the two dtypes, y = layer_norm(s) in out_dtype or s's
     dtype, both contiguous; mean fp32; rstd fp32)."""
     _check_add(x, residual, weight, bias, out_dtype)
-    _check_device(x, residual, weight, bias)
+    check_devices("add_layer_norm", x, residual, weight, bias)
     return _forward(x, residual, weight, bias, eps, out_dtype)
 
 
@@ -323,7 +312,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     reaching x by another path (add_layer_norm's s output): dx = its sum with the LayerNorm's. One output for
     both parameter gradients: they come from one reduction, and an op's outputs may not alias each other."""
     _check_bwd(dy, x, weight, mean, rstd, ds)
-    _check_device(dy, x, weight, mean, rstd, *(() if ds is None else (ds,)))
+    check_devices("layer_norm_bwd", dy, x, weight, mean, rstd, *(() if ds is None else (ds,)))
     return _backward_launch(dy, x, weight, mean, rstd, ds)
 
 

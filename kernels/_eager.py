@@ -9,7 +9,7 @@ the kernels take on the GPU, so eager training is host-bound.
 `eager_function(op, setup_context, backward)` builds a plain torch.autograd.Function that calls the
 op's own Python implementation with the same setup_context and backward formula: the same kernels,
 the same launches, bitwise the same results, fewer layers. The public functions (layer_norm, gelu,
-attention, cross_entropy) use it when `fast_path()` is true: eager mode and ENABLED. Under
+attention, cross_entropy) use it when `fast_path(x)` is true: eager mode and ENABLED. Under
 torch.compile they call the custom ops, which the compiler traces.
 
 Measured with `python -m bench.host_overhead` (CPU, every kernel launch stubbed out, so only the Python
@@ -33,9 +33,10 @@ from torch._C import _functions
 ENABLED = True  # tests turn it off to compare both paths
 
 
-def fast_path():
-    """True in eager mode (not while torch.compile traces) when the fast path is enabled."""
-    return ENABLED and not torch.compiler.is_compiling()
+def fast_path(t):
+    """True in eager mode (not while torch.compile traces) when the fast path is enabled, for an op whose
+    main input is t: not for meta tensors (shape inference), which take the op and its fake implementation."""
+    return ENABLED and not t.is_meta and not torch.compiler.is_compiling()
 
 
 def impl(op):

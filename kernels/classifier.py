@@ -241,9 +241,9 @@ def cross_entropy(logits, targets, ignore_index=-1, vocab_size=None):
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     t = targets.reshape(-1).contiguous()
     args = (x, t, ignore_index, vocab_size, compute_grad, CHECK_ROWS)
-    if fast_path() and not x.is_meta:  # kernels/_eager.py: skip the op's Python autograd layer in eager mode
+    if fast_path(x):  # kernels/_eager.py: skip the op's Python autograd layer in eager mode
         loss = _EagerCrossEntropy.apply(*args)[0]
-    else:  # (meta tensors, shape inference: the op's fake implementation)
+    else:  # compiling, or meta tensors (shape inference: the op's fake implementation)
         loss, _ = torch.ops.gpt2k_cuda.cross_entropy_fwd(*args)
     if CHECK_ROWS and not torch.compiler.is_compiling() and not x.is_meta:
         from kernels.linear_cross_entropy import check_loss

@@ -246,7 +246,7 @@ def cross_entropy(logits, targets, ignore_index=-1, vocab_size=None):
     which the first `vocab_size` columns are real. Same semantics as kernels.reference.cross_entropy."""
     vocab_size = logits.shape[-1] if vocab_size is None else vocab_size
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    if fast_path() and not logits.is_meta:  # meta tensors (shape inference): the op, whose fake implementation runs
+    if fast_path(logits):
         return _EagerCrossEntropy.apply(logits, targets, ignore_index, vocab_size, compute_grad)[0]
     loss, _ = _cross_entropy_op(logits, targets, ignore_index, vocab_size, compute_grad)
     return loss

@@ -378,7 +378,7 @@ def layer_norm(x, weight, bias, eps=1e-5, out_dtype=None):
     """Same as kernels.reference.layer_norm: normalize over the last dim, fp32 statistics, output in
     out_dtype (default x's dtype). weight/bias of None mean 1 and 0 (no affine gradient)."""
     weight, bias = _affine(x, weight, bias)
-    if fast_path() and not x.is_meta:  # meta tensors (shape inference): the op, whose fake implementation runs
+    if fast_path(x):
         return _EagerLayerNorm.apply(x, weight, bias, float(eps), out_dtype)[0]
     return layer_norm_fwd(x, weight, bias, float(eps), out_dtype)[0]
 
@@ -387,7 +387,7 @@ def add_layer_norm(x, residual, weight, bias, eps=1e-5, out_dtype=None):
     """Same as kernels.reference.add_layer_norm: (s, layer_norm(s)) with s = x + residual, one kernel
     forward and one backward (where s's gradient and the LayerNorm's are summed); y in out_dtype."""
     weight, bias = _affine(x, weight, bias)
-    if fast_path() and not x.is_meta:  # meta: the op (see layer_norm)
+    if fast_path(x):
         return tuple(_EagerAddLayerNorm.apply(x, residual, weight, bias, float(eps), out_dtype)[:2])
     return tuple(add_layer_norm_fwd(x, residual, weight, bias, float(eps), out_dtype)[:2])
 

@@ -25,6 +25,7 @@ the memory map); bad files raise ShardError naming the file. Nothing is skipped 
 """
 import argparse
 import bisect
+import contextlib
 import functools
 import hashlib
 import numbers
@@ -56,17 +57,31 @@ class ShardError(ValueError):
 
 # ---- shard files -------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write `path` through a temp file that is fsynced and renamed over it at the end: a reader (or a
+    resume after a crash) sees the old file or the new one, and a failed write leaves no partial file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file is never left behind, let alone taken as the latest
+        raise
+    os.replace(tmp, path)
+
+
 def write_shard(path, tokens):
-    """Write `tokens` (ints in [0, 65535]) as one shard, atomically (temp file + rename)."""
+    """Write `tokens` (ints in [0, 65535]) as one shard, atomically (atomic_write)."""
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() > 0xFFFF):
         raise ValueError(f"{path}: token ids must fit in uint16, got range [{tokens.min()}, {tokens.max()}]")
-    path = str(path)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         f.write(HEADER.pack(MAGIC, VERSION, tokens.size))
         f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
 
 
 def read_header(path):

@@ -287,29 +287,13 @@ def set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-@contextlib.contextmanager
-def atomic_write(path, mode="wb"):
-    """Write `path` through a temp file that is fsynced and renamed over it at the end: a reader (or a
-    resume after a crash) sees the old file or the new one, and a failed write leaves no partial file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a half-written file is never left behind, let alone taken as the latest
-        raise
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out, step, state, keep):
     """Atomically write OUT/ckpt_<step>.pt, then delete the older ones but the last `keep` - 1: the one
     just written always stays (a later step's file, should one be there, is not counted or touched)."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (the checkpoint just written stays), got {keep}")
     path = Path(out) / f"ckpt_{step:07d}.pt"
-    with atomic_write(path) as f:
+    with gdata.atomic_write(path) as f:
         torch.save(state, f)
     older = [p for p in checkpoints(out) if checkpoint_step(p) < step]
     for old in older[:max(0, len(older) - (keep - 1))]:
@@ -714,7 +698,7 @@ def set_aside_later_steps(out, step):
         os.replace(path, aside / path.name)
     if later:
         (aside / "log.jsonl").write_text("".join(line + "\n" for line in later))
-        with atomic_write(log_path, "w") as f:
+        with gdata.atomic_write(log_path, "w") as f:
             f.write("".join(line + "\n" for line in kept))
     moved = [p.name for p in later_ckpts]
     if later:

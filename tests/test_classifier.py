@@ -187,6 +187,24 @@ def test_invalid_target_raises_or_marks_nan():
     assert torch.isnan(unchecked_loss(logits, targets, 40))
 
 
+def test_negative_target_raises_and_the_first_bad_row_is_named():
+    """A negative target other than ignore_index is invalid too (it would read the row before it); with
+    several invalid rows the error names the first one, whichever thread saw it."""
+    logits, targets = make(6, 40, 48, torch.float32, ignore_frac=0.0)
+    targets[1] = -5
+    with pytest.raises(ValueError, match="row 1 has target -5, outside"):
+        C.cross_entropy(logits, targets, -1, 40)
+    assert torch.isnan(unchecked_loss(logits, targets, 40))
+    assert torch.isnan(C.fused_ce_(logits.clone(), targets, -1, 40))
+    targets[4] = 41
+    with pytest.raises(ValueError, match="row 1 has target -5"):
+        C.cross_entropy(logits, targets, -1, 40)
+    targets[1], targets[4] = 3, 4
+    logits[[2, 5], :40] = float("-inf")
+    with pytest.raises(ValueError, match="row 2 has every real logit -inf"):
+        C.cross_entropy(logits, targets, -1, 40)
+
+
 def test_bad_inputs_name_what_is_supported():
     logits, targets = make(4, 10, 10, torch.float32)
     with pytest.raises(ValueError, match="float32, bfloat16, float16"):
@@ -242,9 +260,12 @@ def test_fused_ce_inplace_contract():
     bad[3, :300] = float("-inf")
     targets[3] = 5
     assert torch.isnan(C.fused_ce_(bad, targets, -1, 300))
+    with pytest.raises(ValueError, match="contiguous"):  # it would read and overwrite the wrong elements
+        C.fused_ce_(torch.randn(37, 400)[:, :320], targets, -1, 300)
 
 
 def test_opcheck():
+    C._load()  # the ops exist once the extension is loaded (this test may run first, e.g. with -k)
     logits, targets = make(7, 20, 24, torch.float32)
     x = logits.clone().requires_grad_()
     ops = torch.ops.gpt2k_cuda
@@ -252,6 +273,10 @@ def test_opcheck():
         torch.library.opcheck(ops.cross_entropy_fwd.default, args)
     torch.library.opcheck(ops.cross_entropy_grad_.default, (logits.clone(), targets, -1, 20, False))
     torch.library.opcheck(ops.scale_grad_.default, (torch.randn(5, 8), torch.tensor(0.5)))
+    # half logits: the loss stays fp32 in the real op and in its fake (an fp32 opcheck cannot tell)
+    half = logits.bfloat16()
+    torch.library.opcheck(ops.cross_entropy_fwd.default, (half.clone().requires_grad_(), targets, -1, 20, True, True))
+    torch.library.opcheck(ops.cross_entropy_grad_.default, (half.clone(), targets, -1, 20, False))
 
 
 def test_torch_compile_aot_eager():
@@ -571,6 +596,7 @@ def test_cuda_linear_cross_entropy_bf16():
 
 @requires_cuda
 def test_cuda_opcheck_and_graph_capture():
+    C._load()
     logits, targets = make(64, 1000, 1024, torch.bfloat16, device="cuda")
     x = logits.clone().requires_grad_()
     torch.library.opcheck(torch.ops.gpt2k_cuda.cross_entropy_fwd.default, (x, targets, -1, 1000, True, True))

@@ -122,6 +122,7 @@ def test_neg_inf_target_gives_inf_like_reference(device):
 def test_all_neg_inf_row_raises(dtype, device):
     logits, targets = make(4, 50, 40, dtype, device, ignore_frac=0.0)
     logits[2, :40] = float("-inf")  # padded columns stay finite: they must not rescue the row
+    targets[0] = -1  # an ignored row beside it: its target (-1) is not the invalid one to name
     with pytest.raises(ValueError, match="all -inf"):
         ce.cross_entropy(logits, targets, vocab_size=40)
     with pytest.raises(ValueError, match="all -inf"):
@@ -135,6 +136,11 @@ def test_nan_and_bad_target_raise(device):
     logits, targets = make(4, 20, 20, torch.float32, device, ignore_frac=0.0)
     with pytest.raises(ValueError, match="outside"):
         ce.cross_entropy(logits, torch.where(targets == targets[0], 20, targets), vocab_size=20)
+    negative = targets.clone()
+    negative[2] = -5  # negative but not ignore_index: invalid too (no column matches it)
+    with pytest.raises(ValueError, match="target -5 is outside"):
+        ce.cross_entropy(logits, negative, vocab_size=20)
+    assert torch.isnan(ce.fused_ce_(logits.clone(), negative, -1, 20))
     logits[1, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         ce.cross_entropy(logits, targets)
@@ -172,6 +178,29 @@ def test_grad_output_and_no_grad(device):
     check(strided, targets)
 
 
+def test_row_strided_view(device):
+    """A column slice of a wider buffer (unit column stride, row stride != width) is read in place with its
+    row stride; fused_ce_, which overwrites its input, refuses a non-contiguous one."""
+    logits, targets = make(6, 40, 37, torch.float32, device)
+    wide = torch.randn(6, 56, device=device)
+    wide[:, 8:48] = logits
+    grads = []
+    for fn in (ce.cross_entropy, R.cross_entropy):
+        w = wide.clone().requires_grad_()  # (run() would clone the view itself: contiguous)
+        view = w[:, 8:48]
+        assert view.stride() == (56, 1)
+        loss = fn(view, targets, -1, 37)
+        loss.backward()
+        grads.append((loss.detach(), w.grad))
+    (loss, grad), (ref_loss, ref_grad) = grads
+    loss64, grad64 = truth64(logits, targets, -1, 37)
+    assert_close(loss, loss64, ref_loss, atol=8 * 2**-23 * max(1.0, abs(loss64.item())), name="loss")
+    assert_close(grad[:, 8:48], grad64, ref_grad[:, 8:48], atol=1e-6, name="dlogits")
+    assert (grad[:, :8] == 0).all() and (grad[:, 48:] == 0).all()
+    with pytest.raises(ValueError, match="contiguous"):
+        ce.fused_ce_(wide[:, 8:48], targets, -1, 37)
+
+
 def test_second_backward_is_an_error(device):
     """backward scales the saved dlogits in place, so retain_graph + a second backward must not
     silently return a twice-scaled gradient."""
@@ -205,23 +234,28 @@ def test_deterministic(device):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-@pytest.mark.parametrize("compute_grad", (True, False))
-def test_opcheck(compute_grad, device):
-    logits, targets = make(5, 24, 20, torch.float32, device)
+@pytest.mark.parametrize("compute_grad,dtype", [(True, torch.float32), (False, torch.float32),
+                                                (True, torch.bfloat16)])  # half: the fake's loss is fp32 too
+def test_opcheck(compute_grad, dtype, device):
+    logits, targets = make(5, 24, 20, dtype, device)
     logits.requires_grad_(compute_grad)
     torch.library.opcheck(torch.ops.gpt2k.cross_entropy_triton.default, (logits, targets, -1, 20, compute_grad))
-    grad_buffer = torch.randn(5, 24, device=device)
+    grad_buffer = torch.randn(5, 24, device=device).to(dtype)
     for g in (1.0, -0.5):
         torch.library.opcheck(torch.ops.gpt2k.cross_entropy_triton_scale_.default,
                               (grad_buffer, torch.tensor(g, device=device)))
 
 
-def test_torch_compile(device):
+@pytest.mark.parametrize("grad_output", (1.0, -2.5))
+def test_torch_compile(grad_output, device):
+    """The traced backward (out of place) scales by grad_output as the eager one (in place) does."""
     logits, targets = make(6, 24, 20, torch.float32, device)
     fn = torch.compile(ce.cross_entropy, backend="aot_eager", fullgraph=True)
-    loss, grad = run(fn, logits, targets, -1, 20)
-    ref_loss, ref_grad = run(ce.cross_entropy, logits, targets, -1, 20)
+    loss, grad = run(fn, logits, targets, -1, 20, grad_output)
+    ref_loss, ref_grad = run(ce.cross_entropy, logits, targets, -1, 20, grad_output)
     assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+    _, grad64 = truth64(logits, targets, -1, 20)
+    torch.testing.assert_close(grad.double(), grad64 * grad_output, rtol=0, atol=1e-6)
 
 
 def test_registry():

@@ -29,24 +29,24 @@ def need_backend(backend):
         pytest.skip(f"{module} has no fused_ce_")
 
 
-def truth64(hidden, weight, targets, ignore_index, vocab_size):
-    """float64 loss and gradients of hidden and weight."""
+def truth64(hidden, weight, targets, ignore_index, vocab_size, grad_output=1.0):
+    """float64 loss and gradients (of grad_output * loss) of hidden and weight."""
     h = hidden.detach().double().requires_grad_()
     w = weight.detach().double().requires_grad_()
     lsm = torch.log_softmax((h @ w.t())[:, :vocab_size], dim=-1)
     keep = targets != ignore_index
     picked = lsm.gather(1, torch.where(keep, targets, 0)[:, None]).squeeze(1)
     loss = -torch.where(keep, picked, torch.zeros_like(picked)).sum() / max(int(keep.sum()), 1)
-    loss.backward()
+    (loss * grad_output).backward()
     return loss.detach(), h.grad, w.grad
 
 
-def run(fn, hidden, weight, targets, ignore_index, vocab_size, autocast=False, **kw):
+def run(fn, hidden, weight, targets, ignore_index, vocab_size, autocast=False, grad_output=1.0, **kw):
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
     with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=autocast):
         loss = fn(h, w, targets, ignore_index, vocab_size, **kw)
-    loss.backward()
+    loss.backward(torch.tensor(grad_output, device=loss.device))
     return loss.detach(), h.grad, w.grad
 
 
@@ -56,12 +56,12 @@ def factor(dtype, backend):
 
 
 def check(hidden, weight, targets, ignore_index=-1, vocab_size=None, backend="triton", chunk_rows=None,
-          autocast=False, atol=1e-6):
+          autocast=False, atol=1e-6, grad_output=1.0):
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     out = run(chunked_linear_cross_entropy, hidden, weight, targets, ignore_index, vocab_size, autocast,
-              backend=backend, chunk_rows=chunk_rows)
-    ref = run(R.linear_cross_entropy, hidden, weight, targets, ignore_index, vocab_size, autocast)
-    t64 = truth64(hidden, weight, targets, ignore_index, vocab_size)
+              grad_output, backend=backend, chunk_rows=chunk_rows)
+    ref = run(R.linear_cross_entropy, hidden, weight, targets, ignore_index, vocab_size, autocast, grad_output)
+    t64 = truth64(hidden, weight, targets, ignore_index, vocab_size, grad_output)
     assert out[0].dtype == torch.float32
     assert out[1].dtype == hidden.dtype and out[2].dtype == weight.dtype
     f = factor(torch.bfloat16 if autocast else hidden.dtype, backend)
@@ -93,6 +93,17 @@ def test_half_precision(dtype, backend, device):
     need_backend(backend)
     hidden, weight, targets = make(50, 32, 72, 70, dtype, device)
     check(hidden, weight, targets, vocab_size=70, backend=backend, chunk_rows=16, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_grad_output_scales_both_gradients(dtype, backend, device):
+    """loss * g: dh and dW both scaled by g. fp32 stores dW as a sum (scaled by g / count in backward), a
+    half weight stores it already divided by the count (scaled by g alone): both paths, g != 1."""
+    need_backend(backend)
+    hidden, weight, targets = make(30, 16, 40, 37, dtype, device)
+    check(hidden, weight, targets, vocab_size=37, backend=backend, chunk_rows=8, grad_output=-2.5,
+          atol=1e-6 if dtype == torch.float32 else 1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -205,13 +216,15 @@ def test_default_chunk_rows():
     assert default_chunk_rows(10, torch.float32) % 128 == 0
 
 
-@pytest.mark.parametrize("grads", [(True, True), (False, True), (False, False)])
-def test_opcheck(grads, device):
-    hidden, weight, targets = make(7, 8, 12, 10, torch.float32, device)
+@pytest.mark.parametrize("grads,dtype", [((True, True), torch.float32), ((False, True), torch.float32),
+                                         ((False, False), torch.float32),
+                                         ((True, True), torch.bfloat16)])  # half: dW returned in weight's dtype
+def test_opcheck(grads, dtype, device):
+    hidden, weight, targets = make(7, 8, 12, 10, dtype, device)
     hidden.requires_grad_(grads[0])
     weight.requires_grad_(grads[1])
     torch.library.opcheck(torch.ops.gpt2k.linear_cross_entropy.default,
-                          (hidden, weight, targets, -1, 10, "triton", 3, torch.float32, *grads))
+                          (hidden, weight, targets, -1, 10, "triton", 3, dtype, *grads))
 
 
 def test_torch_compile(device):

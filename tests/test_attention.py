@@ -429,3 +429,115 @@ print(json.dumps(rows))
     assert len(rows) == sum(len(v) for v in picked.values()), (rows, picked)
     for name, shared, limit in rows:
         assert limit == _SMEM["A100"] and shared <= limit, (name, shared)
+
+
+# ---- gaps found by mutation testing (each test names the bug it catches) ----------------------------------
+
+def test_q_k_v_do_each_in_its_own_layout(device):
+    """q, k, v and dO in four different layouts, B = 2: each kernel must read every tensor through its own
+    strides and write each gradient in its own input's layout. With the model's views all four share one
+    layout, so reading v with k's strides, or writing dK with dV's, went unnoticed."""
+    B, H, T, D = 2, 2, 37, 32
+    dt = torch.float16
+    q = torch.randn(B, T, H, D, device=device).to(dt).transpose(1, 2)  # (B, T, H, D) memory
+    k = model_views(B, H, T, D, dt, device)[1]  # rows 3C apart
+    v = torch.randn(B, H, T, D, device=device).to(dt)  # contiguous
+    do = torch.randn(H, B, T, D, device=device).to(dt).transpose(0, 1)  # (H, B, T, D) memory
+    assert len({q.stride(), k.stride(), v.stride(), do.stride()}) == 4
+    dense = run(attention, *(t.contiguous() for t in (q, k, v, do)))
+    out, lse = attention_fwd(q, k, v)
+    dq, dk, dv = attention_bwd(do, q, k, v, out, lse)
+    btHd = (T * H * D, D, H * D, 1)
+    assert out.stride() == dq.stride() == dk.stride() == btHd and dv.is_contiguous()
+    for name, a, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), dense):
+        assert torch.equal(a, b), name
+
+
+def test_fake_implementations_match_the_real_ops(device):
+    """The fake implementations (what torch.compile traces with; run here on meta tensors) give the real ops'
+    shapes, dtypes and strides, in fp16 with the model's strided views and differing layouts. opcheck's fp32
+    contiguous inputs cannot tell an lse in q's dtype, or contiguous outputs, from the right ones."""
+    B, H, T, D = 2, 2, 19, 32
+    q, k, v = model_views(B, H, T, D, torch.float16, device)
+    v = v.contiguous()  # dv then differs from dk in layout
+    do = torch.randn(B, T, H, D, device=device).to(torch.float16).transpose(1, 2)
+    out, lse = attention_fwd(q, k, v)
+    real = (out, lse, *attention_bwd(do, q, k, v, out, lse))
+    meta = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in (do, q, k, v, out, lse)]
+    fake_out, fake_lse = attention_fwd(*meta[1:4])
+    fake = (fake_out, fake_lse, *attention_bwd(*meta))
+    for name, r, f in zip(("out", "lse", "dq", "dk", "dv"), real, fake):
+        assert f.is_meta and (f.shape, f.dtype, f.stride()) == (r.shape, r.dtype, r.stride()), name
+
+
+def test_backward_rejects_a_wrong_do_or_o(device):
+    """attention_bwd checks dO and O against q (shape and dtype), not only the lse. (Bigger shapes than q's
+    where the check is about shape: without it the kernels would read them in bounds, not crash.)"""
+    q, k, v, do = inputs(1, 2, 17, 32, torch.float32, device)
+    out, lse = attention_fwd(q, k, v)
+    for bad_do, bad_o in ((do.half(), out), (torch.cat([do, do[..., :1, :]], 2), out),
+                          (do, out.half()), (do, torch.cat([out, out], 0))):
+        with pytest.raises(ValueError, match=r"do .* and o .* must match q"):
+            attention_bwd(bad_do, q, k, v, bad_o, lse)
+
+
+@requires_cuda
+def test_backward_rejects_an_lse_on_another_device(device):
+    """(GPU only: on a CPU-only box the other device would be meta, which the dispatcher routes to the fake
+    implementation before any check runs.)"""
+    q, k, v, do = inputs(1, 2, 17, 32, torch.float32, device)
+    out, lse = attention_fwd(q, k, v)
+    with pytest.raises(ValueError, match="lse .* on cpu must be float32"):
+        attention_bwd(do, q, k, v, out, lse.cpu())
+
+
+def test_backward_reads_a_strided_lse(device):
+    """An lse of the right shape and dtype in another layout ((B, T, H) memory) gives bitwise the gradients of
+    the contiguous one: the kernels index the lse as contiguous (bh * T + t), so the launcher must make it so."""
+    q, k, v, do = inputs(2, 2, 17, 32, torch.float32, device)
+    out, lse = attention_fwd(q, k, v)
+    strided = torch.empty(2, 17, 2, device=device).transpose(1, 2).copy_(lse)
+    assert not strided.is_contiguous() and torch.equal(strided, lse)
+    for name, a, b in zip(("dq", "dk", "dv"), attention_bwd(do, q, k, v, out, strided),
+                          attention_bwd(do, q, k, v, out, lse)):
+        assert torch.equal(a, b), name
+
+
+def test_too_long_T_is_rejected(monkeypatch, device):
+    """With the int32 limit lowered: T * D + D reaching it raises (real and fake implementations alike); one
+    row less runs."""
+    monkeypatch.setattr(A, "_INT32_ROWS", 20 * 32 + 32)
+    q = torch.randn(1, 1, 20, 32, device=device)
+    for t in (q, q.to("meta")):
+        with pytest.raises(ValueError, match="T = 20 is too long at D = 32"):
+            attention_fwd(t, t, t)
+    short = q[:, :, :19]
+    assert torch.isfinite(attention(short, short, short)).all()
+
+
+def test_kernel_layout_copies_a_single_row_with_a_huge_stride(monkeypatch):
+    """T = 1 with a row stride past the (lowered) int32 limit: .contiguous() would keep that stride (a size-1
+    dim's stride is free), so the launcher copies explicitly. Every tensor it hands the kernels has
+    T * stride_t + D below the limit."""
+    monkeypatch.setattr(A, "_INT32_ROWS", 1000)
+    x = torch.randn(1, 1, 2000, 32)[:, :, ::2000]  # (1, 1, 1, 32), row stride 2000 * 32
+    assert x.is_contiguous() and x.stride(2) == 64000
+    y = A._kernel_layout(x)
+    assert y.stride(2) * 1 + 32 < 1000 and torch.equal(x, y)
+
+
+# The interpreter (numpy) warns on exp2 overflows to inf in entries that the causal mask then zeroes (key rows
+# past T load as 0: score 0 against an lse of -200): selected away by tl.where, never in a sum.
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+def test_large_scores_need_the_running_max(device):
+    """Every score of one head shifted by about -200, of the other by about +200 (a shared component of q and
+    k): softmax does not change, but exp of the raw scores underflows / overflows in fp32. The online softmax
+    must start its running max at -inf and subtract it; e.g. a max that starts at 0 underflows every exp2 of
+    the negative head to 0 (0 / 0)."""
+    B, H, T, D = 1, 2, 40, 32
+    q, k, v, do = inputs(B, H, T, D, torch.float32, device)
+    shift = 200 * math.sqrt(D) / 10  # q[..., 0] * k[..., 0] / sqrt(D) = +-200
+    q[:, 0, :, 0], q[:, 1, :, 0], k[..., 0] = -shift, shift, 10.0
+    s = q.double() @ k.double().transpose(-2, -1) / math.sqrt(D)
+    assert s[:, 0].max() < -150 and s[:, 1].min() > 150
+    check_against_float64(q, k, v, do)

@@ -461,6 +461,18 @@ def _check(q, k, v, fake=False):
         raise BackendUnavailable(f"attention (triton): {_interpreter_bf16_dot_error()}")
 
 
+def _check_bwd(do, q, k, v, o, lse, fake=False):
+    """attention_bwd's checks, also run by its fake implementation."""
+    _check(q, k, v, fake)
+    if do.shape != q.shape or o.shape != q.shape or do.dtype != q.dtype or o.dtype != q.dtype:
+        raise ValueError(f"attention_bwd (triton): do {tuple(do.shape)} {do.dtype} and o {tuple(o.shape)} {o.dtype} "
+                         f"must match q {tuple(q.shape)} {q.dtype}")
+    if lse.shape != q.shape[:3] or lse.dtype != torch.float32:
+        raise ValueError(f"attention_bwd (triton): lse {tuple(lse.shape)} {lse.dtype} must be float32 "
+                         f"of shape {tuple(q.shape[:3])} (as attention_fwd returns it)")
+    check_devices("attention_bwd", q, do, o, lse, meta_ok=fake)
+
+
 # The kernels offset each (batch, head) slice in int64 (b * stride_b + h * stride_h) but its rows in int32
 # (offs_m * stride_t, start_n * stride_t: cheaper address math, and the register profile the configs were
 # tuned with). Triton passes a stride >= 2^31 as int64, but a smaller one with T * stride_t >= 2^31 wraps
@@ -552,13 +564,7 @@ def _(q, k, v):
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv), each in its input's dtype and dimension order."""
-    _check(q, k, v)
-    if do.shape != q.shape or o.shape != q.shape or do.dtype != q.dtype or o.dtype != q.dtype:
-        raise ValueError(f"attention_bwd (triton): do {tuple(do.shape)} {do.dtype} and o {tuple(o.shape)} {o.dtype} "
-                         f"must match q {tuple(q.shape)} {q.dtype}")
-    if lse.shape != q.shape[:3] or lse.dtype != torch.float32 or lse.device != q.device:
-        raise ValueError(f"attention_bwd (triton): lse {tuple(lse.shape)} {lse.dtype} on {lse.device} must be float32 "
-                         f"of shape {tuple(q.shape[:3])} on {q.device} (as attention_fwd returns it)")
+    _check_bwd(do, q, k, v, o, lse)
     q, k, v, o, do = (_kernel_layout(t) for t in (q, k, v, o, do))
     B, H, T, D = q.shape
     dq, dk, dv = _like(q), _like(k), _like(v)
@@ -585,6 +591,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 @attention_bwd.register_fake
 def _(do, q, k, v, o, lse):
+    _check_bwd(do, q, k, v, o, lse, fake=True)  # a meta tensor among CPU ones lands here: same checks
     return _like(_kernel_layout(q)), _like(_kernel_layout(k)), _like(_kernel_layout(v))
 
 

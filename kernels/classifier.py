@@ -167,16 +167,41 @@ def _is_toolkit(d):
 
 # ---- torch op: fake and autograd --------------------------------------------------------------------
 
+def _fake_check(logits, targets, vocab_size, op):
+    """csrc/classifier.cpp's check_inputs, for the fake implementations: the dispatcher also sends them a meta
+    tensor among CPU ones, which must raise as the real op does, not return uninitialized results."""
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be 2-D (N, V), got {list(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{op}: logits dtype {logits.dtype} is not supported (float32, bfloat16, float16)")
+    if not logits.is_contiguous():
+        raise ValueError(f"{op}: logits must be contiguous")
+    if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"{op}: targets must have shape ({logits.shape[0]},), got {list(targets.shape)}")
+    if targets.dtype != torch.int64:
+        raise ValueError(f"{op}: targets must be int64, got {targets.dtype}")
+    if not targets.is_contiguous():
+        raise ValueError(f"{op}: targets must be contiguous")
+    if targets.device != logits.device:
+        raise ValueError(f"{op}: targets on {targets.device} but logits on {logits.device}")
+    if not 1 <= vocab_size <= logits.shape[1]:
+        raise ValueError(f"{op}: vocab_size {vocab_size} must be in [1, {logits.shape[1]}] (the logits' width)")
+
+
 def _fwd_fake(logits, targets, ignore_index, vocab_size, compute_grad, check):
+    _fake_check(logits, targets, vocab_size, "cross_entropy")
     loss = logits.new_empty((), dtype=torch.float32)
     return loss, (logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,)))
 
 
 def _grad_fake(logits, targets, ignore_index, vocab_size, check):
+    _fake_check(logits, targets, vocab_size, "fused_ce_")
     return logits.new_empty((), dtype=torch.float32)
 
 
 def _scale_fake(x, s):
+    if s.numel() != 1 or s.device != x.device:
+        raise ValueError(f"scale_grad_: scale must be one element on {x.device}")
     return None
 
 

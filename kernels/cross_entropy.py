@@ -122,13 +122,15 @@ def _config(n_cols):
     return block, (8 if block >= 2048 else 4 if block >= 512 else 1)
 
 
-def _check(logits, targets, vocab_size, where):
+def _check(logits, targets, vocab_size, where, fake=False):
+    """The op's checks; fake=True (its fake implementation, which also receives a meta tensor among CPU ones):
+    meta logits are fine (shape inference)."""
     if logits.dim() != 2:
         raise ValueError(f"{where}: logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
     if logits.dtype not in _DTYPES:
         raise ValueError(f"{where}: logits dtype {logits.dtype} is not supported (float32, bfloat16, float16)")
     interpreted = logits.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-    if logits.device.type != "cuda" and not interpreted:
+    if logits.device.type != "cuda" and not interpreted and not (fake and logits.device.type == "meta"):
         raise ValueError(f"{where}: logits are on {logits.device}; the Triton kernel runs on a CUDA GPU "
                          "(or on the CPU when TRITON_INTERPRET=1 was set before importing triton)")
     if targets.dim() != 1 or targets.shape[0] != logits.shape[0]:
@@ -192,6 +194,7 @@ def _cross_entropy_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
 
 @_cross_entropy_op.register_fake
 def _(logits, targets, ignore_index, vocab_size, compute_grad):
+    _check(logits, targets, vocab_size, "cross_entropy", fake=True)
     loss = logits.new_empty((), dtype=torch.float32)
     dlogits = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
     return loss, dlogits

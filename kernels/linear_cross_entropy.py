@@ -92,6 +92,7 @@ def _linear_cross_entropy_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean loss fp32 0-d; dh (N, C) of the summed loss, or empty; dW (V, C) or empty: of the mean loss
     when weight is not fp32, else of the summed loss: backward divides those by the count)."""
+    _check(hidden, weight, targets, backend)
     fused_ce_ = _fused_ce(backend)
     n = hidden.shape[0]
     count = (targets != ignore_index).sum().clamp(min=1)
@@ -120,6 +121,7 @@ def _linear_cross_entropy_op(
 @_linear_cross_entropy_op.register_fake
 def _(hidden, weight, targets, ignore_index, vocab_size, backend, chunk_rows, compute_dtype, grad_hidden,
       grad_weight):
+    _check(hidden, weight, targets, backend)
     loss = hidden.new_empty((), dtype=torch.float32)
     dh = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,))
     dw = weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,))
@@ -150,6 +152,22 @@ def _backward(ctx, grad_loss, _grad_dh, _grad_dw):
 _linear_cross_entropy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check(hidden, weight, targets, backend):
+    """Checks of the public function, which the op and its fake run too (a meta tensor among CPU ones makes
+    the dispatcher call the fake: it must not return uninitialized results)."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: hidden (N, C) and weight (V, C) expected, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if targets.shape != hidden.shape[:1]:
+        raise ValueError(f"linear_cross_entropy: targets must have shape ({hidden.shape[0]},), "
+                         f"got {tuple(targets.shape)}")
+    if weight.device != hidden.device or targets.device != hidden.device:
+        raise ValueError(f"linear_cross_entropy: hidden ({hidden.device}), weight ({weight.device}) and targets "
+                         f"({targets.device}) must be on one device")
+    if backend not in ("triton", "cuda"):
+        raise ValueError(f"linear_cross_entropy: unknown backend {backend!r} (triton, cuda)")
+
+
 def _compute_dtype(hidden, weight):
     device = hidden.device.type
     if device != "meta" and torch.is_autocast_enabled(device):  # (autocast has no meta device)
@@ -164,17 +182,7 @@ def chunked_linear_cross_entropy(hidden, weight, targets, ignore_index=-1, vocab
                                  chunk_rows=None):
     """cross_entropy(hidden @ weight.T, targets, ignore_index, vocab_size), computed `chunk_rows` rows at
     a time (default: chunks of <= 256 MiB of logits). hidden (N, C), weight (Vp, C), targets (N,)."""
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_cross_entropy: hidden (N, C) and weight (V, C) expected, got "
-                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if targets.shape != hidden.shape[:1]:
-        raise ValueError(f"linear_cross_entropy: targets must have shape ({hidden.shape[0]},), "
-                         f"got {tuple(targets.shape)}")
-    if weight.device != hidden.device or targets.device != hidden.device:
-        raise ValueError(f"linear_cross_entropy: hidden ({hidden.device}), weight ({weight.device}) and targets "
-                         f"({targets.device}) must be on one device")
-    if backend not in ("triton", "cuda"):
-        raise ValueError(f"linear_cross_entropy: unknown backend {backend!r} (triton, cuda)")
+    _check(hidden, weight, targets, backend)
     vocab_size = weight.shape[0] if vocab_size is None else vocab_size
     targets = targets.contiguous()  # the fused kernels read per-chunk slices of it with unit stride
     dtype = _compute_dtype(hidden, weight)

@@ -481,14 +481,20 @@ def test_backward_rejects_a_wrong_do_or_o(device):
             attention_bwd(bad_do, q, k, v, bad_o, lse)
 
 
-@requires_cuda
-def test_backward_rejects_an_lse_on_another_device(device):
-    """(GPU only: on a CPU-only box the other device would be meta, which the dispatcher routes to the fake
-    implementation before any check runs.)"""
+def test_backward_rejects_tensors_on_another_device(device):
+    """A meta tensor among real ones makes the dispatcher call the fake implementation: it runs the op's checks
+    too, instead of returning uninitialized gradients. On a GPU, a CPU lse beside CUDA tensors is caught as well."""
     q, k, v, do = inputs(1, 2, 17, 32, torch.float32, device)
     out, lse = attention_fwd(q, k, v)
-    with pytest.raises(ValueError, match="lse .* on cpu must be float32"):
-        attention_bwd(do, q, k, v, out, lse.cpu())
+    others = [lambda t: t.to("meta")] + ([lambda t: t.cpu()] if HAS_CUDA else [])
+    for other in others:
+        for i in range(6):  # each of do, q, k, v, o, lse in turn
+            args = [do, q, k, v, out, lse]
+            args[i] = other(args[i])
+            with pytest.raises(ValueError, match="different devices"):
+                attention_bwd(*args)
+    with pytest.raises(ValueError, match="do .* must match q"):  # dtype checks reach the fake as well
+        attention_bwd(do.half(), q, k, v, out, lse.to("meta"))
 
 
 def test_backward_reads_a_strided_lse(device):

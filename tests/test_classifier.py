@@ -279,6 +279,23 @@ def test_opcheck():
     torch.library.opcheck(ops.cross_entropy_grad_.default, (half.clone(), targets, -1, 20, False))
 
 
+def test_a_meta_tensor_among_real_ones_raises():
+    """A meta argument sends the call to the fake implementation: it runs the C++ op's input checks too,
+    instead of returning an uninitialized loss."""
+    C._load()
+    logits, targets = make(7, 20, 24, torch.float32)
+    ops = torch.ops.gpt2k_cuda
+    for x, t in ((logits, targets.to("meta")), (logits.to("meta"), targets)):
+        with pytest.raises(ValueError, match="targets on .* but logits on"):
+            ops.cross_entropy_fwd(x, t, -1, 20, True, True)
+        with pytest.raises(ValueError, match="targets on .* but logits on"):
+            ops.cross_entropy_grad_(x, t, -1, 20, False)
+    with pytest.raises(ValueError, match="scale must be one element"):
+        ops.scale_grad_(torch.randn(5, 8), torch.tensor(0.5, device="meta"))
+    with pytest.raises(ValueError, match="must be contiguous"):  # the other checks reach the fake as well
+        ops.cross_entropy_fwd(logits.t(), targets.to("meta"), -1, 20, True, True)
+
+
 def test_torch_compile_aot_eager():
     logits, targets = make(33, 100, 128, torch.float32)
     fn = torch.compile(lambda x, t: C.cross_entropy(x, t, -1, 100) * 3.0, backend="aot_eager", fullgraph=True)

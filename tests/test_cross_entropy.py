@@ -246,6 +246,15 @@ def test_opcheck(compute_grad, dtype, device):
                               (grad_buffer, torch.tensor(g, device=device)))
 
 
+def test_a_meta_tensor_among_real_ones_raises(device):
+    """The dispatcher sends a call with one meta argument to the fake implementation: it checks the arguments
+    as the real op does (here: the devices differ) instead of returning an uninitialized loss."""
+    logits, targets = make(5, 24, 20, torch.float32, device)
+    for args in ((logits, targets.to("meta")), (logits.to("meta"), targets)):
+        with pytest.raises(ValueError, match="targets on .* but logits on"):
+            torch.ops.gpt2k.cross_entropy_triton(*args, -1, 20, True)
+
+
 @pytest.mark.parametrize("grad_output", (1.0, -2.5))
 def test_torch_compile(grad_output, device):
     """The traced backward (out of place) scales by grad_output as the eager one (in place) does."""

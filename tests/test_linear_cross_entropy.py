@@ -227,6 +227,17 @@ def test_opcheck(grads, dtype, device):
                           (hidden, weight, targets, -1, 10, "triton", 3, dtype, *grads))
 
 
+def test_a_meta_tensor_among_real_ones_raises(device):
+    """A meta argument sends the call to the fake implementation, which checks like the op (here: the devices
+    differ) instead of returning an uninitialized loss and gradients."""
+    hidden, weight, targets = make(7, 8, 12, 10, torch.float32, device)
+    for i in range(3):
+        args = [hidden, weight, targets]
+        args[i] = args[i].to("meta")
+        with pytest.raises(ValueError, match="must be on one device"):
+            torch.ops.gpt2k.linear_cross_entropy(*args, -1, 10, "triton", 3, torch.float32, True, True)
+
+
 def test_torch_compile(device):
     hidden, weight, targets = make(11, 8, 12, 10, torch.float32, device)
     fn = torch.compile(chunked_linear_cross_entropy, backend="aot_eager", fullgraph=True)

@@ -25,10 +25,10 @@ def truncate_bf16(t):
     return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
-def _grads(fn, x, w, b, dy):
+def _grads(fn, x, w, b, dy, eps=EPS):
     """Run fn forward and backward on fresh leaves; -> (y, dx, dw, db)."""
     x, w, b = (t.detach().requires_grad_() for t in (x, w, b))  # detach keeps the strides
-    y = fn(x, w, b, EPS)
+    y = fn(x, w, b, eps)
     y.backward(dy)
     return y.detach(), x.grad, w.grad, b.grad
 
@@ -37,17 +37,17 @@ def _ln64(x, w, b, eps):
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
 
-def check(x, w, b, dy=None, atol=1e-6):
+def check(x, w, b, dy=None, atol=1e-6, eps=EPS):
     """Kernel vs float64 truth, with the reference op in the same dtypes as the baseline."""
     dy = torch.randn_like(x) if dy is None else dy
-    out = _grads(ln.layer_norm, x, w, b, dy)
-    base = _grads(ref.layer_norm, x, w, b, dy)
+    out = _grads(ln.layer_norm, x, w, b, dy, eps)
+    base = _grads(ref.layer_norm, x, w, b, dy, eps)
     if INTERPRET and x.dtype == torch.bfloat16:
         # the interpreter truncates the kernel's fp32 -> bf16 stores of y and dx: the fair baseline is
         # the reference in fp32, truncated the same way
-        up = _grads(ref.layer_norm, x.float(), w.float(), b.float(), dy.float())
+        up = _grads(ref.layer_norm, x.float(), w.float(), b.float(), dy.float(), eps)
         base = (truncate_bf16(up[0]), truncate_bf16(up[1])) + base[2:]
-    truth = _grads(_ln64, x.double(), w.double(), b.double(), dy.double())
+    truth = _grads(_ln64, x.double(), w.double(), b.double(), dy.double(), eps)
     assert out[0].dtype == x.dtype and out[1].dtype == x.dtype
     assert out[2].dtype == w.dtype and out[3].dtype == b.dtype
     for name, o, bl, t in zip(("y", "dx", "dweight", "dbias"), out, base, truth):
@@ -120,8 +120,9 @@ def test_non_contiguous(device):
     assert not x.is_contiguous() and not dy.is_contiguous()
     check(x, w, b, dy)
     x, w = torch.randn(768, 5, device=device).t(), torch.randn(2 * 768, device=device)[::2]
-    assert x.stride(-1) != 1 and not w.is_contiguous()
-    check(x, w, torch.randn(768, device=device))
+    b = torch.randn(2 * 768, device=device)[1::2]
+    assert x.stride(-1) != 1 and not w.is_contiguous() and not b.is_contiguous()
+    check(x, w, b)
 
 
 def test_zero_rows(device):
@@ -140,6 +141,19 @@ def test_backward_is_deterministic(device):
         assert torch.equal(a, c)
 
 
+def test_rows_fill_neither_the_last_tile_nor_the_last_program(device):
+    """The backward gives each program tiles_per_program row tiles: with one tile more than the programs
+    target, the last program gets a partly filled tile and one past the end. Every row must still get its
+    dx and reach dweight / dbias (the other tests' row counts divide evenly or fit one program)."""
+    C = 40
+    block_r = ln._tile(C, device == "cuda")[0]
+    target = ln._programs_target(torch.device(device))
+    N = (target + 1) * block_r - 3
+    tiles = -(-N // block_r)
+    assert tiles % -(-tiles // target) != 0 and N % block_r != 0  # the case this test is about
+    check(*_inputs((N, C), torch.float32, device=device))
+
+
 def test_none_weight_and_bias(device):
     x = torch.randn(4, 100, device=device)
     torch.testing.assert_close(ln.layer_norm(x, None, None), F.layer_norm(x, (100,)), rtol=1e-5, atol=1e-5)
@@ -147,10 +161,10 @@ def test_none_weight_and_bias(device):
 
 # ---- add_layer_norm: s = x + residual, then LayerNorm(s), one kernel each way -------------------------
 
-def _add_grads(fn, x, r, w, b, ds, dy):
+def _add_grads(fn, x, r, w, b, ds, dy, eps=EPS):
     """fn(x, r, w, b, eps) -> (s, y); backward with gradients ds for s and dy for y -> (s, y, dx, dr, dw, db)."""
     x, r, w, b = (t.detach().requires_grad_() for t in (x, r, w, b))
-    s, y = fn(x, r, w, b, EPS)
+    s, y = fn(x, r, w, b, eps)
     torch.autograd.backward((s, y), (ds, dy))
     return s.detach(), y.detach(), x.grad, r.grad, w.grad, b.grad
 
@@ -160,20 +174,20 @@ def _add64(x, r, w, b, eps):
     return s, F.layer_norm(s, (s.shape[-1],), w, b, eps)
 
 
-def check_add(x, r, w, b, atol=1e-6):
+def check_add(x, r, w, b, atol=1e-6, eps=EPS):
     sdtype = torch.promote_types(x.dtype, r.dtype)
     ds, dy = (torch.randn(x.shape, device=x.device).to(sdtype) for _ in range(2))
-    out = _add_grads(ln.add_layer_norm, x, r, w, b, ds, dy)
-    base = _add_grads(ref.add_layer_norm, x, r, w, b, ds, dy)
-    truth = _add_grads(_add64, *(t.double() for t in (x, r, w, b, ds, dy)))
+    out = _add_grads(ln.add_layer_norm, x, r, w, b, ds, dy, eps)
+    base = _add_grads(ref.add_layer_norm, x, r, w, b, ds, dy, eps)
+    truth = _add_grads(_add64, *(t.double() for t in (x, r, w, b, ds, dy)), eps)
     if INTERPRET and sdtype == torch.bfloat16:
         # the interpreter truncates the kernel's bf16 stores (s, y, and the summed gradient): allow the
         # larger error of the bf16 reference and of the fp32 reference truncated the same way
-        up = _add_grads(ref.add_layer_norm, *(t.float() for t in (x, r, w, b, ds, dy)))
+        up = _add_grads(ref.add_layer_norm, *(t.float() for t in (x, r, w, b, ds, dy)), eps)
         trunc = tuple(truncate_bf16(t) for t in up[:4]) + up[4:]
         base = tuple(a if max_err(a, t) >= max_err(c, t) else c for a, c, t in zip(base, trunc, truth))
     assert out[0].dtype == sdtype and out[1].dtype == sdtype
-    assert out[2].dtype == x.dtype and out[3].dtype == r.dtype and out[4].dtype == w.dtype
+    assert out[2].dtype == x.dtype and out[3].dtype == r.dtype and out[4].dtype == w.dtype and out[5].dtype == b.dtype
     for name, o, bl, t in zip(("s", "y", "dx", "dresidual", "dweight", "dbias"), out, base, truth):
         assert_close(o, t, bl, atol=atol * max(1.0, t.abs().max().item()), name=name)
     return out
@@ -183,6 +197,7 @@ def check_add(x, r, w, b, atol=1e-6):
     (torch.float32, torch.float32, torch.float32),
     (torch.float32, torch.bfloat16, torch.float32),  # the model under bf16 autocast: fp32 stream + bf16 branch
     (torch.bfloat16, torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.float32, torch.float32),  # x narrower than the residual: s (and y) in fp32
     (torch.float16, torch.float16, torch.float16),
 ], ids=str)
 @pytest.mark.parametrize("shape", [(3, 1), (3, 7), (2, 5, 768), (1, 1000), (3, 4099)])
@@ -237,6 +252,52 @@ def test_add_layer_norm_one_output_used(used, fast, device, monkeypatch):
         assert a is not None and torch.equal(a, e), name
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "custom_op"])
+def test_eps_and_out_dtype_reach_the_kernel(fast, device, monkeypatch):
+    """eps (the model takes GPT-2's layer_norm_epsilon from its config) and out_dtype get through both the
+    eager fast path and the custom ops to the kernel: rows whose variance (~0.09) is close to eps = 0.1."""
+    from kernels import _eager
+
+    monkeypatch.setattr(_eager, "ENABLED", fast)
+    eps = 0.1
+    x, w, b = _inputs((4, 40), torch.float32, device=device)
+    x, r = x * 0.15, torch.randn(4, 40, device=device) * 0.1
+    check(x, w, b, eps=eps)
+    check_add(x, r, w, b, eps=eps)
+    y16 = ln.layer_norm(x, w, b, eps, torch.bfloat16)
+    base = ref.layer_norm(x, w, b, eps)
+    base = truncate_bf16(base) if INTERPRET else base.to(torch.bfloat16)  # the interpreter truncates
+    assert y16.dtype == torch.bfloat16
+    assert_close(y16, _ln64(x.double(), w.double(), b.double(), eps), base, name="y in out_dtype")
+    s, y16 = ln.add_layer_norm(x, r, w, b, eps, torch.bfloat16)
+    assert s.dtype == torch.float32 and y16.dtype == torch.bfloat16
+    assert torch.equal(y16, ln.layer_norm(s, w, b, eps, torch.bfloat16))
+
+
+@pytest.mark.parametrize("wdtype,bdtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)], ids=str)
+def test_weight_and_bias_dtypes_differ(wdtype, bdtype, device):
+    """weight and bias in different dtypes: each gradient comes back in its own parameter's dtype."""
+    x, w, b = _inputs((3, 40), torch.float32, device=device)
+    w, b = w.to(wdtype), b.to(bdtype)
+    check(x, w, b)
+    check_add(x, torch.randn(3, 40, device=device), w, b)
+
+
+def test_backward_op_reads_strided_statistics_and_ds(device):
+    """layer_norm_bwd accepts any mean / rstd / ds of the right shape and dtype, not only contiguous ones
+    (the forward's outputs): strided views give bitwise the results of contiguous copies."""
+    x, w, b = _inputs((5, 40), torch.float32, device=device)
+    _, mean, rstd = torch.ops.gpt2k.layer_norm_fwd(x, w, b, EPS)
+    stats = torch.stack([mean, rstd], -1)  # columns: views with stride 2
+    ds = torch.randn(5, 100, device=device)[:, 10:50]  # rows 100 apart: read in place
+    dy = torch.randn_like(x)
+    assert not stats[:, 0].is_contiguous() and ds.stride(0) == 100
+    expect = torch.ops.gpt2k.layer_norm_bwd(dy, x, w, mean, rstd, ds.contiguous())
+    got = torch.ops.gpt2k.layer_norm_bwd(dy, x, w, stats[:, 0], stats[:, 1], ds)
+    for a, c in zip(got, expect):
+        assert torch.equal(a, c)
+
+
 def test_add_layer_norm_bad_input(device):
     x, w, b = _inputs((3, 16), torch.float32, device=device)
     with pytest.raises(ValueError, match=r"residual has shape \(3, 8\), x has \(3, 16\)"):
@@ -248,9 +309,10 @@ def test_add_layer_norm_bad_input(device):
         torch.ops.gpt2k.layer_norm_bwd(y, x, w, mean, rstd, y[:2])
 
 
-@pytest.mark.parametrize("rdtype", [torch.float32, torch.bfloat16], ids=str)
-def test_add_layer_norm_opcheck_and_compile(rdtype, device):
-    x, w, b = _inputs((2, 3, 40), torch.float32, device=device)
+@pytest.mark.parametrize("xdtype,rdtype", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32)], ids=str)
+def test_add_layer_norm_opcheck_and_compile(xdtype, rdtype, device):
+    x, w, b = _inputs((2, 3, 40), xdtype, torch.float32, device=device)
     r = torch.randn(2, 3, 40, device=device).to(rdtype)
     args = [t.clone().requires_grad_() for t in (x, r, w, b)]
     torch.library.opcheck(torch.ops.gpt2k.add_layer_norm_fwd.default, (*args, EPS))
@@ -311,6 +373,10 @@ def test_bad_backward_input_raises(device):
         torch.ops.gpt2k.layer_norm_bwd(y[:2], x, w, mean, rstd)
     with pytest.raises(ValueError, match="rstd .* must be float32"):
         torch.ops.gpt2k.layer_norm_bwd(y, x, w, mean, rstd.double())
+    with pytest.raises(ValueError, match=r"dy \(3, 16\) torch.float64 must have x's shape"):
+        torch.ops.gpt2k.layer_norm_bwd(y.double(), x, w, mean, rstd)
+    with pytest.raises(ValueError, match=r"ds \(3, 16\) torch.float64 must have x's shape"):
+        torch.ops.gpt2k.layer_norm_bwd(y, x, w, mean, rstd, y.double())
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: CPU tensors are refused outside the interpreter")

@@ -72,12 +72,16 @@ def _gelu_bwd_kernel(
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _check(name, *tensors, fake=False):
-    """Argument checks; fake=True (the fake implementations) also accepts meta tensors (shape inference)."""
+def _check(name, x, dy=None, fake=False):
+    """Argument checks of both ops (dy: gelu_bwd's), also run by their fake implementations: fake=True accepts
+    meta tensors (shape inference; the dispatcher also sends them a meta tensor among CPU ones)."""
+    tensors = (x,) if dy is None else (dy, x)
     for t in tensors:
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} (triton): dtype {t.dtype} not supported; supported: float32, bfloat16, float16")
     check_devices(name, *tensors, meta_ok=fake)
+    if dy is not None and dy.shape != x.shape:
+        raise ValueError(f"{name} (triton): dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
 
 
 @torch.library.custom_op("gpt2k::gelu_fwd", mutates_args=())
@@ -102,9 +106,7 @@ def _(x):
 @torch.library.custom_op("gpt2k::gelu_bwd", mutates_args=())
 def gelu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """-> dx = dy * gelu'(x), contiguous, x's dtype."""
-    _check("gelu_bwd", dy, x)
-    if dy.shape != x.shape:
-        raise ValueError(f"gelu_bwd (triton): dy shape {tuple(dy.shape)} != x shape {tuple(x.shape)}")
+    _check("gelu_bwd", x, dy)
     xc, dyc = x.contiguous(), dy.contiguous()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n = xc.numel()
@@ -116,7 +118,7 @@ def gelu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @gelu_bwd.register_fake
 def _(dy, x):
-    _check("gelu_bwd", dy, x, fake=True)
+    _check("gelu_bwd", x, dy, fake=True)
     return x.new_empty(x.shape)
 
 

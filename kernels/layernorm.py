@@ -259,6 +259,7 @@ def layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 @layer_norm_fwd.register_fake
 def _(x, weight, bias, eps, out_dtype=None):
     _check(x, weight, bias, out_dtype)
+    check_devices("layer_norm", x, weight, bias, meta_ok=True)  # a meta tensor among CPU ones lands here
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return x.new_empty(x.shape, dtype=out_dtype or x.dtype), mean, torch.empty_like(mean)
 
@@ -277,6 +278,7 @@ def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 @add_layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, out_dtype=None):
     _check_add(x, residual, weight, bias, out_dtype)
+    check_devices("add_layer_norm", x, residual, weight, bias, meta_ok=True)
     dtype = torch.promote_types(x.dtype, residual.dtype)
     mean = x.new_empty(x.shape[:-1], dtype=torch.float32)
     return (x.new_empty(x.shape, dtype=dtype), x.new_empty(x.shape, dtype=out_dtype or dtype), mean,
@@ -319,6 +321,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
 @layer_norm_bwd.register_fake
 def _(dy, x, weight, mean, rstd, ds=None):
     _check_bwd(dy, x, weight, mean, rstd, ds)
+    check_devices("layer_norm_bwd", dy, x, weight, mean, rstd, *(() if ds is None else (ds,)), meta_ok=True)
     return x.new_empty(x.shape), x.new_empty((2, x.shape[-1]), dtype=torch.float32)
 
 

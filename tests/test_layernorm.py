@@ -379,6 +379,22 @@ def test_bad_backward_input_raises(device):
         torch.ops.gpt2k.layer_norm_bwd(y, x, w, mean, rstd, y.double())
 
 
+def test_a_meta_tensor_among_real_ones_raises(device):
+    """A meta argument sends the call to the op's fake implementation: it checks the devices as the op does,
+    instead of returning uninitialized outputs."""
+    x, w, b = _inputs((3, 16), torch.float32, device=device)
+    y, mean, rstd = torch.ops.gpt2k.layer_norm_fwd(x, w, b, EPS)
+    calls = [(torch.ops.gpt2k.layer_norm_fwd, [x, w, b], (EPS,)),
+             (torch.ops.gpt2k.add_layer_norm_fwd, [x, x, w, b], (EPS,)),
+             (torch.ops.gpt2k.layer_norm_bwd, [y, x, w, mean, rstd, y], ())]
+    for op, tensors, rest in calls:
+        for i in range(len(tensors)):
+            args = list(tensors)
+            args[i] = args[i].to("meta")
+            with pytest.raises(ValueError, match="different devices"):
+                op(*args, *rest)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: CPU tensors are refused outside the interpreter")
 def test_cpu_tensor_refused_on_gpu_machine():
     with pytest.raises(ValueError, match="supported: CUDA tensors"):

@@ -75,6 +75,27 @@ def test_large_param(device):
     _run(ours, ref, opt, ref_opt, steps=2, lr0=6e-4)
 
 
+def test_tensors_of_many_blocks(device, monkeypatch):
+    """1024-element blocks (the interpreter's blocks are otherwise at least as long as the longest tensor, so
+    only the 50304x768 test had tensors of several blocks and full blocks): full blocks, tails and one-block
+    tensors update like torch, and the non-finite check sees a bad grad wherever it is, in a full block, in
+    a later block or at a tensor's very last element."""
+    monkeypatch.setattr(adamw, "_block_size", lambda numels: 1024)
+    shapes = [(7,), (1024,), (3, 1000), (2053,)]
+    ours, ref, opt, ref_opt = _pair(shapes, device, _two_groups, {"skip_nonfinite": True}, lr=1e-2, weight_decay=0.1)
+    _run(ours, ref, opt, ref_opt, steps=2)
+    assert sum(ln.n_blocks for _, launches in opt._launches.values() for ln in launches) == 1 + 1 + 3 + 3
+    for i, where in ((1, 1023), (2, 1500), (2, 2999), (0, 6)):
+        saved = [(a.detach().clone(), {k: v.clone() for k, v in opt.state[a].items()}) for a in ours]
+        _set_grads(ours, ref)
+        ours[i].grad.view(-1)[where] = float("nan")
+        opt.step()
+        for a, (p0, s0) in zip(ours, saved):
+            assert torch.equal(a.detach(), p0), f"NaN at {where} of param {i} not seen"
+            assert all(torch.equal(opt.state[a][k], s0[k]) for k in s0), f"NaN at {where} of param {i} not seen"
+    _run(ours, ref, opt, ref_opt, steps=1)  # afterwards: torch's third step
+
+
 def test_betas_eps_and_grad_none(device):
     ours, ref, opt, ref_opt = _pair([(7,), (300,), (5, 9)], device, lambda ps: ps, lr=3e-3, betas=(0.5, 0.9),
                                     eps=1e-6, weight_decay=0.3)
@@ -238,26 +259,32 @@ def test_grads_reallocated_rebuild_the_table(device):
         opt.step()
         ref_opt.step()
         _compare(ours, ref, opt, ref_opt, f"step {t + 1}:")
-    opt.state.clear()  # a state reset: the cached tables must not point at the freed moments
+    old_state = [dict(opt.state[a]) for a in ours]  # kept alive: a stale table writes into them, not into freed memory
+    opt.state.clear()  # a state reset: the cached tables must not point at the old moments
     ref_opt.state.clear()
-    _set_grads(ours, ref)
+    for a, b in zip(ours, ref):  # new values in the same grad tensors: only the state tells the cache to rebuild
+        g = torch.randn_like(a)
+        a.grad.copy_(g)
+        b.grad.copy_(g)
     opt.step()
     ref_opt.step()
     _compare(ours, ref, opt, ref_opt, "after state.clear():")
+    assert all(s["step"].item() == 3 for s in old_state)
 
 
-def test_bf16_params_round_once(device):
-    # bf16 storage, fp32 math: one step equals torch's fp32 AdamW on the upcast values, rounded once
-    p16 = torch.randn(1000, device=device).bfloat16().requires_grad_()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_params_round_once(device, dtype):
+    # bf16 / fp16 storage, fp32 math: one step equals torch's fp32 AdamW on the upcast values, rounded once
+    p16 = torch.randn(1000, device=device).to(dtype).requires_grad_()
     p32 = p16.detach().float().requires_grad_()
     p16.grad = torch.randn_like(p16)
     p32.grad = p16.grad.float()
     opt, ref_opt = AdamW([p16], lr=1e-2), torch.optim.AdamW([p32], lr=1e-2)
     opt.step()
     ref_opt.step()
-    assert opt.state[p16]["exp_avg"].dtype == torch.bfloat16
-    nearest = p32.detach().bfloat16()
-    if HAS_CUDA:
+    assert opt.state[p16]["exp_avg"].dtype == opt.state[p16]["exp_avg_sq"].dtype == dtype
+    nearest = p32.detach().to(dtype)
+    if HAS_CUDA or dtype == torch.float16:
         assert torch.equal(p16.detach(), nearest)
     else:  # Triton 3.8's interpreter truncates fp32 -> bf16 where the GPU rounds to nearest
         truncated = (p32.detach().view(torch.int32) & ~0xFFFF).view(torch.float32).bfloat16()

@@ -37,6 +37,10 @@ def test_round_trip(tmp_path):
 def test_write_rejects_ids_beyond_uint16(tmp_path):
     with pytest.raises(ValueError, match="uint16"):
         D.write_shard(tmp_path / "x.bin", np.array([1, 70000]))
+    with pytest.raises(ValueError, match="uint16"):
+        D.write_shard(tmp_path / "x.bin", np.array([-1, 5]))
+    D.write_shard(tmp_path / "edge.bin", np.array([0, 0xFFFF]))  # both ends of the range fit
+    np.testing.assert_array_equal(D.read_shard(tmp_path / "edge.bin"), [0, 0xFFFF])
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -68,6 +72,20 @@ def test_out_of_range_token_names_file_and_position(tmp_path):
     D.make_loader(str(tmp_path), "train", 2, 8, vocab_size=50258).next_batch()  # fine for a bigger vocab
 
 
+def test_vocab_scan_covers_every_chunk_end(tmp_path, monkeypatch):
+    """The vocab check scans a shard in chunks (16M tokens each): with 4-token chunks, a bad id at a chunk's
+    last position, or at the shard's very last position, is found too."""
+    real = D._chunked_max
+    monkeypatch.setattr(D, "_chunked_max", lambda a: real(a, chunk=4))
+    for where in (3, 7, 0, 40):
+        tokens = np.arange(41) % 100
+        tokens[where] = 60000
+        source = D.Source.from_file(shard(tmp_path, tokens, f"d_train_{where:06d}.bin"))
+        with pytest.raises(D.ShardError, match=f"token id 60000 at position {where} "):
+            source.tokens(50257)
+    assert real(np.zeros(0, np.uint16)) == -1
+
+
 def test_dataset_smaller_than_one_batch(tmp_path):
     path = shard(tmp_path, np.arange(4 * 8))  # 3 full sequences of 8+1 tokens, batch needs 4
     with pytest.raises(D.ShardError, match="fewer than one batch") as e:
@@ -76,6 +94,9 @@ def test_dataset_smaller_than_one_batch(tmp_path):
     D.make_loader(str(tmp_path), "train", 3, 8)  # exactly one batch fits
     with pytest.raises(D.ShardError, match="2 rank"):
         D.make_loader(str(tmp_path), "train", 3, 8, rank=0, world_size=2)
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match=f"rank {rank} is not in"):
+            D.make_loader(str(tmp_path), "train", 1, 8, rank=rank, world_size=world)
 
 
 def test_missing_split(tmp_path):
@@ -122,6 +143,28 @@ def test_shuffle_is_seeded_and_val_is_in_order(two_shards, tmp_path):
     assert [int(x[0, 0]) for x, _ in batches(val, 3)] == [0, 16, 32]
 
 
+def test_shard_and_sequence_orders_are_drawn_per_epoch_and_per_shard(tmp_path):
+    """Three shards of 10 sequences each: an epoch reads one shard after the other, each in its own order.
+    The shard order is drawn per epoch (not once for the run), and the sequence order per (epoch, shard):
+    shards of the same size do not share one order, and a shard's order changes from epoch to epoch."""
+    for k in range(3):
+        shard(tmp_path, 1000 * k + np.arange(4 * 10 + 1), f"d_train_{k:06d}.bin")
+    loader = D.make_loader(str(tmp_path), "train", 2, 4, seed=0)
+    epochs = []
+    for _ in range(6):
+        starts = [int(r[0]) for x, _ in batches(loader, loader.steps_per_epoch) for r in x]
+        visits = [(v // 1000, v % 1000 // 4) for v in starts]  # (shard, sequence index in it)
+        shards = [k for k, _ in visits[::10]]
+        assert [k for k, _ in visits] == [k for k in shards for _ in range(10)] and sorted(shards) == [0, 1, 2]
+        epochs.append((shards, {k: [i for kk, i in visits if kk == k] for k in range(3)}))
+    assert len({tuple(shards) for shards, _ in epochs}) > 1, "the same shard order every epoch"
+    for _, orders in epochs:
+        assert all(sorted(order) == list(range(10)) for order in orders.values())
+        assert len({tuple(order) for order in orders.values()}) == 3, "shards of one size share one order"
+    for k in range(3):
+        assert len({tuple(orders[k]) for _, orders in epochs}) == 6, f"shard {k} repeats an order across epochs"
+
+
 def test_ddp_ranks_are_disjoint_and_match_one_process(two_shards):
     world = 3
     single = batches(D.make_loader(two_shards, "train", 2, 8, seed=3), 18)
@@ -153,12 +196,53 @@ def test_state_resume_is_exact_across_epochs_and_world_sizes(two_shards):
     assert torch.equal(r0[0], expected[17][0]) and torch.equal(r1[0], expected[18][0])
 
 
-def test_state_from_another_dataset_is_refused(two_shards):
+def test_any_epoch_is_computed_from_seed_epoch_and_batch_alone(two_shards):
+    """A loader put by its state at (epoch e, batch j) reads what one that went through every batch before
+    reads: nothing (order, cached permutation) is carried from one epoch into the next, and the epoch of a
+    state is restored, not just its position in the epoch."""
+    ref = D.make_loader(two_shards, "train", 2, 8, seed=7)
+    n = ref.steps_per_epoch
+    run = batches(ref, 5 * n)
+    for e in range(5):
+        for j in (0, 6):
+            jump = D.make_loader(two_shards, "train", 2, 8, seed=7)
+            jump.load_state_dict({**jump.state_dict(), "epoch": e, "consumed": j})
+            got = batches(jump, n - j)
+            assert all(torch.equal(a[0], b[0]) for a, b in zip(got, run[e * n + j:(e + 1) * n])), (e, j)
+
+
+def test_state_from_another_dataset_is_refused(two_shards, tmp_path_factory):
     state = D.make_loader(two_shards, "train", 2, 8).state_dict()
     with pytest.raises(ValueError, match="seq_len"):
         D.make_loader(two_shards, "train", 2, 4).load_state_dict(state)
     with pytest.raises(ValueError, match="seed"):
         D.make_loader(two_shards, "train", 2, 8, seed=9).load_state_dict(state)
+    with pytest.raises(ValueError, match="batch_size"):
+        D.make_loader(two_shards, "train", 3, 8).load_state_dict(state)
+    sources = D.resolve_sources(two_shards, "train")
+    with pytest.raises(ValueError, match="shuffle"):
+        D.DataLoader(sources, 2, 8, shuffle=False).load_state_dict(state)
+    with pytest.raises(ValueError, match="sources"):  # one shard of the two
+        D.DataLoader(sources[:1], 2, 8).load_state_dict(state)
+    renamed = tmp_path_factory.mktemp("renamed")
+    for i, src in enumerate(sources):
+        (renamed / f"e_train_{i:06d}.bin").write_bytes(open(src.path, "rb").read())
+    with pytest.raises(ValueError, match="sources"):  # the same tokens under other names: another dataset
+        D.make_loader(str(renamed), "train", 2, 8).load_state_dict(state)
+
+
+def test_state_survives_moving_the_data_folder(two_shards, tmp_path_factory):
+    """A state records shard names and sizes, not the folder: a run resumes after its data moved."""
+    first = D.make_loader(two_shards, "train", 2, 8, seed=3)
+    batches(first, 5)
+    state = first.state_dict()
+    expected = batches(first, 3)
+    moved = tmp_path_factory.mktemp("moved")
+    for path in D.shard_paths(two_shards, "train"):
+        (moved / path.name).write_bytes(path.read_bytes())
+    resumed = D.make_loader(str(moved), "train", 2, 8, seed=3)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches(resumed, 3), expected))
 
 
 # ---- preparing data ----------------------------------------------------------------------------

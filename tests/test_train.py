@@ -8,12 +8,14 @@ Runs are in-process (`train.main(argv)`) except DDP (torchrun). A very small mod
 import json
 import math
 import os
+import random
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,19 +100,82 @@ def test_weight_decay_only_on_2d_and_optimizer_is_the_backends():
     assert decay["weight_decay"] == 0.25 and all(p.dim() == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"]) and no_decay["params"]
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    assert decay["betas"] == (0.9, 0.95) and decay["lr"] == a.lr
+    assert decay["betas"] == (0.9, 0.95) and decay["lr"] == a.lr and decay["eps"] == no_decay["eps"] == 1e-8
+
+
+def test_micro_batches_accumulate_the_mean_loss_and_its_gradient():
+    """forward_backward with accum=2 over two micro-batches: loss_sum is their mean loss and the .grads are
+    the gradient of that mean (each micro-batch's loss is divided by accum before its backward)."""
+    import contextlib
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=16), kernels="torch")
+    pairs = [(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))) for _ in range(2)]
+    loss_sum = torch.zeros(())
+    for x, y in pairs:
+        train.forward_backward(model, x, y, contextlib.nullcontext(), 2, loss_sum)
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    mean = sum(model(x, y)[1] for x, y in pairs) / 2
+    mean.backward()
+    torch.testing.assert_close(loss_sum, mean.detach())
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_evaluate_loss_is_the_mean_over_the_same_first_batches():
+    """evaluate_loss: the mean loss of the val loader's first `steps` micro-batches, the same ones at every
+    evaluation (the loader is reset), with the model back in train mode."""
+    import contextlib
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=64, n_layer=1, n_head=1, n_embd=16), kernels="torch")
+    tokens = np.random.default_rng(0).integers(0, 64, 8 * 10 + 1)
+    loader = D.DataLoader([D.Source.from_array("val", tokens)], 2, 8, shuffle=False, vocab_size=64)
+    with torch.no_grad():
+        expected = sum(model(x, y)[1] for x, y in [loader.next_batch() for _ in range(3)]).item() / 3
+    cpu = torch.device("cpu")
+    for _ in range(2):
+        got = train.evaluate_loss(model, loader, 3, cpu, contextlib.nullcontext(), 1)
+        assert got == pytest.approx(expected, rel=1e-6) and model.training
+
+
+def test_rng_state_round_trip():
+    """What a checkpoint saves of the RNGs (torch, numpy, python) is what set_rng_state restores."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(1), np.random.seed(1), random.seed(1)
+    state = train.rng_state(cpu)
+    draws = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    torch.manual_seed(2), np.random.seed(2), random.seed(2)
+    train.set_rng_state(state, cpu)
+    again = (torch.rand(4), np.random.rand(4), [random.random() for _ in range(4)])
+    assert torch.equal(draws[0], again[0]) and (draws[1] == again[1]).all() and draws[2] == again[2]
 
 
 # ---- exact resume --------------------------------------------------------------------------------
 
-def test_resume_is_bit_exact(straight, text, tmp_path):
-    """4 steps, stop (only the checkpoint and log survive), --resume, 4 more == 8 steps straight."""
+def test_resume_is_bit_exact(straight, text, tmp_path, monkeypatch):
+    """4 steps, stop (only the checkpoint and log survive), --resume, 4 more == 8 steps straight; the RNGs
+    are set to the checkpoint's states (the model has no dropout: only a spy can tell they are)."""
     out, log = straight
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copy(out / "ckpt_0000004.pt", resumed)
+    ckpt = torch.load(out / "ckpt_0000004.pt", weights_only=False)
+    torch.manual_seed(4321), np.random.seed(4321), random.seed(4321)  # states the run would not reach by itself
+    ckpt["rng"] = [train.rng_state(torch.device("cpu"))]
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    torch.save(ckpt, resumed / "ckpt_0000004.pt")
     (resumed / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))  # includes steps 5-8: trimmed on resume
+    restored, set_rng_state = [], train.set_rng_state
+
+    def spy(state, device):  # what the RNGs hold right after the resume set them
+        set_rng_state(state, device)
+        restored.append(train.rng_state(device))
+    monkeypatch.setattr(train, "set_rng_state", spy)
     more = train.main(args(text, resumed, "--resume"))
+    (got,), want = restored, ckpt["rng"][0]
+    assert torch.equal(got["torch"], want["torch"]) and got["python"] == want["python"]
+    assert all(np.array_equal(a, b) for a, b in zip(got["numpy"], want["numpy"]))
     assert [r["step"] for r in more] == [5, 6, 7, 8]
     for key in ("loss", "grad_norm", "lr", "val_loss"):
         assert curve(more, key) == curve(log[4:], key), key  # bit for bit
@@ -224,7 +289,7 @@ def test_ddp_two_ranks_match_gradient_accumulation(straight, text, tmp_path):
     ddp = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gpt2.train",
-           *args(text, ddp)]
+           *args(text, ddp, "--peak-flops", "1e12")]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     got = read_log(ddp)
@@ -234,6 +299,10 @@ def test_ddp_two_ranks_match_gradient_accumulation(straight, text, tmp_path):
         assert curve(got, key) == pytest.approx(curve(log, key), rel=2e-5, abs=1e-5), key
     assert sorted(p.name for p in ddp.glob("ckpt_*")) == ["ckpt_0000004.pt", "ckpt_0000008.pt"]
     assert len(torch.load(ddp / "ckpt_0000008.pt", weights_only=False)["rng"]) == 2
+    fpt = json.loads((ddp / "config.json").read_text())["flops_per_token"]
+    for r in got:  # tokens of both ranks per second; MFU against the peak of both devices
+        assert r["tokens_per_sec"] == pytest.approx(128 / r["step_time_s"])
+        assert r["mfu"] == pytest.approx(r["tokens_per_sec"] * fpt / (2 * 1e12))
 
 
 # ---- every kernels spec that runs on a CPU ---------------------------------------------------------
@@ -426,6 +495,52 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(text, tmp_path, ca
     assert torch.load(out / f"ckpt_{bad - 1:07d}.pt", weights_only=False)["step"] == bad - 1
 
 
+@pytest.mark.parametrize("clip", [0.05, 0])
+def test_steps_clip_grads_and_set_the_lr_of_every_group(text, tmp_path, monkeypatch, clip):
+    """What the optimizer gets at each step: grads of global norm min(grad_norm, --grad-clip) (--grad-clip 0: not
+    clipped at all), and the logged lr in both param groups. With --peak-flops, MFU = tokens/s x FLOPs per token
+    (at --seq-len, not the block size) / peak."""
+    seen, build = [], train.build_optimizer
+
+    def recording(model, a):
+        opt = build(model, a)
+
+        def hook(opt, *_):
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for g in opt.param_groups for p in g["params"]]))
+            seen.append(([g["lr"] for g in opt.param_groups], norm.item()))
+        opt.register_step_pre_hook(hook)
+        return opt
+    monkeypatch.setattr(train, "build_optimizer", recording)
+    out = tmp_path / "clip"
+    log = train.main(args(text, out, "--grad-clip", str(clip), "--peak-flops", "1e12", "--eval-every", "0",
+                          "--no-checkpoint", "--total-batch-size", "64", steps=3))
+    assert len(seen) == len(log) == 3
+    for r, (lrs, norm) in zip(log, seen):
+        assert lrs == [r["lr"], r["lr"]] and r["grad_norm"] > 0.05  # so 0.05 clips every step
+        assert norm == pytest.approx(min(r["grad_norm"], clip) if clip else r["grad_norm"], rel=1e-4)
+    config = json.loads((out / "config.json").read_text())
+    fpt = flops.flops_per_token(GPTConfig(**config["model_config"]), 16)
+    assert config["flops_per_token"] == fpt and config["peak_flops"] == 1e12
+    assert all(r["mfu"] == pytest.approx(r["tokens_per_sec"] * fpt / 1e12) for r in log)
+
+
+def test_non_finite_grad_norm_alone_stops_the_run(text, tmp_path, monkeypatch, capsys):
+    """A finite loss with an inf grad norm (overflowing grads) stops the run before that step's update too."""
+    clip_grad_norm, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(params, max_norm, *a, **k):
+        calls.append(max_norm)
+        norm = clip_grad_norm(params, max_norm, *a, **k)
+        return norm * float("inf") if len(calls) == 2 else norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    out = tmp_path / "inf"
+    with pytest.raises(SystemExit) as e:
+        train.main(args(text, out, "--checkpoint-every", "1", "--eval-every", "0", "--total-batch-size", "64", steps=3))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "step 2: loss" in err and "grad norm inf: not finite" in err, err
+    assert [r["step"] for r in read_log(out)] == [1] and sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_0000001.pt"]
+
+
 def test_argument_errors(text, tmp_path, straight):
     with pytest.raises(ValueError, match="not a multiple of batch-size x seq-len x world-size"):
         train.main(args(text, tmp_path / "a", "--total-batch-size", "100"))
@@ -516,9 +631,11 @@ def test_sizes_must_be_positive(text, tmp_path, flag, value):
 def test_eval_note_says_how_many_tokens_are_evaluated(text, tmp_path, capsys):
     """The note fired for any --eval-tokens that is not a multiple of the micro-batch and claimed the
     whole val split was evaluated."""
-    train.main(args(text, tmp_path / "a", "--eval-tokens", "100", steps=1))
+    log = train.main(args(text, tmp_path / "a", "--eval-tokens", "100", steps=1))
     assert ("note: evaluating 64 val tokens = 1 micro-batch(es) of 4 x 16 x 1 rank(s), not --eval-tokens 100: "
             "an evaluation runs whole micro-batches\n") in capsys.readouterr().out
+    # the last step is always evaluated and checkpointed, also when not a multiple of --eval/--checkpoint-every (4)
+    assert "val_loss" in log[-1] and [p.name for p in (tmp_path / "a").glob("ckpt_*")] == ["ckpt_0000001.pt"]
     train.main(args(text, tmp_path / "b", "--eval-tokens", "128", steps=1))
     assert "note: evaluating" not in capsys.readouterr().out
     assert train.eval_plan(128, 4, 16, 1, 8) == (2, None)

@@ -690,3 +690,249 @@ def test_gpu_pipeline_times_a_two_output_op(fake_gpu, tmp_path, monkeypatch):
         [(k, r.get("reason"), r.get("graph_reason")) for k, r in rows.items()]
     fwd_bytes = 7 * 32 * (4 + 2 + 4 + 2) + 2 * 32 * 4  # x fp32, r bf16 -> s fp32, y bf16 (out_dtype); fp32 w, b
     assert rows[("fwd", "triton")]["bytes"] == specs.ideal_bytes(specs.BENCHES[0], "fwd") == fwd_bytes
+
+
+# ---- mutation-testing gaps: what the tests above let through -------------------------------------
+
+def test_compare_edge_cases():
+    """--compare's documented rules at their edges: exactly 5% slower is not flagged (more than 5% is), a
+    row that did not run in A is not flagged when B lacks it, an e2e run that broke in B is, and
+    results from different cards are noted."""
+    a, b = report.load(A), report.load(B)
+    ga = next(r for r in a["rows"] if r["op"] == "gelu" and r["provider"] == "compile")  # no ms_graph: do_bench ms
+    gb = next(r for r in b["rows"] if r["op"] == "gelu" and r["provider"] == "compile")
+    ga.update(ms=1.0, ms_p20=1.0, ms_p80=1.0)
+    gb.update(ms=1.05, ms_p20=1.05, ms_p80=1.05)  # 1.05 / 1.0 == report.SLOWER exactly
+    text, flagged = report.compare(a, b)
+    assert not any(f.startswith("gelu") for f in flagged), flagged
+    assert "| gelu | bf16 N=16384 C=3072 | fwd | compile | do_bench | 1.000 | 1.050 | 1.05 |  |" in text
+    assert "different cards" not in text
+    gb.update(ms=1.06, ms_p20=1.06, ms_p80=1.06)
+    _, flagged = report.compare(a, b)
+    assert any(f.startswith("gelu bf16 N=16384 C=3072 fwd compile: 1.06x") for f in flagged), flagged
+    # sdpa_cudnn was unavailable in A: gone from B is not a regression
+    b["rows"] = [r for r in b["rows"] if r["provider"] != "sdpa_cudnn"]
+    text, flagged = report.compare(a, b)
+    assert not any("sdpa_cudnn" in f for f in flagged), flagged
+    assert "| attention | bf16 B=16 H=12 T=1024 D=64 | fwd | sdpa_cudnn | | unavailable | - | | only in A |" in text
+    # an e2e run that ran in A and failed in B
+    b["e2e"][1] = {**b["e2e"][1], "status": "error", "reason": "exit 1: boom"}
+    b["env"]["gpu"] = "NVIDIA A100-SXM4-80GB"
+    text, flagged = report.compare(a, b)
+    assert "e2e triton: ran in A, error in B" in flagged, flagged
+    assert "| triton | 150,000 | error | | | | BROKEN |" in text
+    assert "note: different cards (NVIDIA H100 80GB HBM3 vs NVIDIA A100-SXM4-80GB)" in text
+
+
+def test_pct_of_limit_is_against_the_bound_s_own_limit():
+    """_metrics: GB/s from the ideal bytes, TFLOP/s from the ideal FLOPs, both over the graph time when
+    there is one; % of limit = TFLOP/s over the measured matmul limit for a compute-bound op, GB/s over
+    the copy bandwidth for a memory-bound one."""
+    limits = {"copy_gbps": 2000.0, "matmul_tflops": 500.0}
+    attn = specs.Bench("attention", {"B": 2, "H": 3, "T": 64, "D": 16}, bound="compute")
+    res = {"ms": 0.5, "ms_p20": 0.4, "ms_p80": 0.6, "ms_graph": 0.25, "ms_graph_p20": 0.2, "ms_graph_p80": 0.3}
+    r = run._metrics(attn, "fwd", dict(res), limits, "triton")
+    nbytes, nflops = 4 * 2 * 3 * 64 * 16 * 2, 2 * 2 * 2 * 3 * 64 * 64 * 16 / 2
+    assert (r["bytes"], r["flops"], r["timing_basis"], r["bound"]) == (nbytes, nflops, "graph", "compute")
+    assert r["gbps"] == pytest.approx(nbytes / 0.25e-3 / 1e9) and r["tflops"] == pytest.approx(nflops / 0.25e-3 / 1e12)
+    assert r["pct_of_limit"] == pytest.approx(100 * r["tflops"] / 500.0)
+    gelu = specs.Bench("gelu", {"N": 4, "C": 8}, "float32")
+    no_graph = {k: v for k, v in res.items() if not k.startswith("ms_graph")}
+    r = run._metrics(gelu, "fwd", no_graph, limits, "triton")
+    assert r["timing_basis"] == "do_bench" and r["flops"] == 0 and r["tflops"] == 0
+    assert r["gbps"] == pytest.approx(2 * 4 * 8 * 4 / 0.5e-3 / 1e9)
+    assert r["pct_of_limit"] == pytest.approx(100 * r["gbps"] / 2000.0)
+
+
+def test_markdown_columns_and_roofline_values():
+    """The table's GB/s, TFLOP/s and % limit columns, the e2e table's "vs torch" (B's tokens/s over
+    torch's), and the roofline plot's fractions (pct_of_limit / 100)."""
+    doc = report.load(A)
+    md = report.markdown(doc)
+    assert ("| fwd | triton | 0.020 [0.020, 0.021] | 0.012 [0.012, 0.012] | 4194 | - | 140% | 48 "
+            "| eager 2.00x, compile 1.25x |") in md
+    assert "| 2684* | - | 89%* | 192 |" in md  # gelu compile: do_bench-based rates are starred
+    assert ("| fwd | triton | 0.085 [0.083, 0.088] | 0.081 [0.079, 0.082] | 1247 | 319.1 | 46% | 96 "
+            "| sdpa_flash 0.94x |") in md  # attention: compute-bound, % of the matmul limit
+    assert "| triton | 150,000 | 1.50x | 45.0% | 23.28 | 9.1240 | |" in md
+    _, providers, frac = report.roofline_bars(doc)
+    assert providers == ["eager", "compile", "triton", "sdpa_flash"]
+    assert frac[("layer_norm bf16 N=16384 C=768 fwd", "triton")] == pytest.approx(1.3981, abs=1e-4)
+    assert frac[("attention bf16 B=16 H=12 T=1024 D=64 fwd", "triton")] == pytest.approx(0.4559, abs=1e-4)
+
+
+@pytest.mark.parametrize("break_it, expect", [
+    (lambda d: d.update(schema="gpt2-kernel-lab/bench/4"), "schema is 'gpt2-kernel-lab/bench/4'"),
+    # schema 2 never wrote null rates, with or without a reason
+    (lambda d: d["rows"][2].update(pct_of_limit=None, pct_reason="x"), "pct_of_limit null without pct_reason (schema 3 only)"),
+])
+def test_validate_rejects_what_only_later_schemas_allow(break_it, expect):
+    doc = json.loads(A.read_text())
+    break_it(doc)
+    assert any(expect in p for p in report.validate(doc)), report.validate(doc)
+
+
+def _floor(**per_tensor_bytes):
+    return sum(per_tensor_bytes.values())
+
+
+def test_specs_floor_of_every_bench_and_mode():
+    """Ideal bytes (each input read once, each output written once, at its dtype) and matmul FLOPs of every
+    declared bench and mode, tensor by tensor as the docstring of bench/specs.py states them."""
+    seen = set()
+    for b in specs.BENCHES:
+        sh, s = b.shape, {"bfloat16": 2, "float32": 4}[b.dtype]
+        want = {}
+        if b.op == "layer_norm":
+            n, c, so = sh["N"] * sh["C"], sh["C"], {"bfloat16": 2, "float32": 4}[b.out_dtype or b.dtype]
+            want["fwd"] = _floor(x=n * s, w=4 * c, b=4 * c, y=n * so)
+            want["bwd"] = _floor(dy=n * so, x=n * s, w=4 * c, dx=n * s, dw=4 * c, db=4 * c)
+        elif b.op == "add_layer_norm":  # x, s, ds, dx fp32; r, y, dy, dr bf16; w, b fp32
+            n, c = sh["N"] * sh["C"], sh["C"]
+            want["fwd"] = _floor(x=4 * n, r=2 * n, w=4 * c, b=4 * c, s=4 * n, y=2 * n)
+            want["bwd"] = _floor(ds=4 * n, s=4 * n, dy=2 * n, w=4 * c, dx=4 * n, dr=2 * n, dw=4 * c, db=4 * c)
+        elif b.op == "gelu":
+            n = sh["N"] * sh["C"] * s
+            want["fwd"], want["bwd"] = _floor(x=n, y=n), _floor(dy=n, x=n, dx=n)
+        elif b.op == "attention":
+            t = sh["B"] * sh["H"] * sh["T"] * sh["D"] * s
+            want["fwd"] = _floor(q=t, k=t, v=t, o=t)
+            want["bwd"] = _floor(q=t, k=t, v=t, o=t, do=t, dq=t, dk=t, dv=t)
+        elif b.op == "cross_entropy":
+            logits, targets = sh["N"] * sh["V"] * s, sh["N"] * 8  # int64 targets
+            want = {"fwd": logits + targets, "bwd": _floor(logits=logits, targets=targets, dlogits=logits),
+                    "fwd+bwd": _floor(logits=logits, targets=targets, dlogits=logits)}  # fused: one pass
+        elif b.op == "linear_cross_entropy":
+            h, w = sh["N"] * sh["C"] * s, sh["V"] * sh["C"] * s
+            want = {"fwd": h + w, "bwd": _floor(h=h, w=w, dh=h, dw=w), "fwd+bwd": _floor(h=h, w=w, dh=h, dw=w)}
+        elif b.op == "AdamW":
+            want["step"] = 4 * sh["params"] * 7  # read p, g, m, v; write p, m, v (fp32)
+        want.setdefault("fwd+bwd", want.get("fwd", 0) + want.get("bwd", 0))
+        for mode in b.modes:
+            assert specs.ideal_bytes(b, mode) == want[mode], (b.op, b.variant, mode)
+        # FLOPs: attention's causal QK^T and PV (2 FLOPs per multiply-add, half the T x T), backward 2.5x;
+        # the LM head's matmul, backward 2x (dh and dW); 0 for the memory-bound ops
+        if b.op == "attention":
+            fwd = 2 * 2 * sh["B"] * sh["H"] * sh["T"] * sh["T"] * sh["D"] / 2
+            want_flops = {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}
+        elif b.op == "linear_cross_entropy":
+            fwd = 2 * sh["N"] * sh["C"] * sh["V"]
+            want_flops = {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}
+        else:
+            want_flops = dict.fromkeys(b.modes, 0)
+        assert b.bound == ("compute" if b.op in ("attention", "linear_cross_entropy") else "memory"), b
+        for mode in b.modes:
+            assert specs.flops(b, mode) == want_flops[mode], (b.op, b.variant, mode)
+            seen.add(b.op)
+    assert seen == {"layer_norm", "add_layer_norm", "gelu", "attention", "cross_entropy", "linear_cross_entropy", "AdamW"}
+
+
+# The audit's floors at its own shapes (bench/io_audit.py): tensor by tensor, and where the audit
+# uses specs' dtypes, equal to specs.ideal_bytes at that shape.
+_N, _C, _G = 256 * 768, 768, 256 * 3072
+AUDIT_IDEAL = {
+    "layer_norm fwd": _floor(x=2 * _N, w=4 * _C, b=4 * _C, y=2 * _N),
+    "layer_norm bwd": _floor(dy=2 * _N, x=2 * _N, w=4 * _C, dx=2 * _N, dw=4 * _C, db=4 * _C),
+    # add_layer_norm without out_dtype: y (and so dy) in x's fp32; the cast of d(x + r) to r's dtype is torch's
+    "add_layer_norm fwd": _floor(x=4 * _N, r=2 * _N, w=4 * _C, b=4 * _C, s=4 * _N, y=4 * _N),
+    "add_layer_norm bwd": _floor(dy=4 * _N, ds=4 * _N, s=4 * _N, w=4 * _C, dx=4 * _N, dw=4 * _C, db=4 * _C),
+    "gelu fwd": _floor(x=2 * _G, y=2 * _G),
+    "gelu bwd": _floor(dy=2 * _G, x=2 * _G, dx=2 * _G),
+    "AdamW step": 7 * 4 * (256 * 768 + 768 + 2304 + 768 * 64),
+    # logits read over the real vocab only, the gradient written over the padded one, int64 targets, fp32 loss
+    "cross_entropy fwd+bwd": _floor(logits=32 * 50257 * 2, targets=32 * 8, dlogits=32 * 50304 * 2, loss=4),
+}
+
+
+def test_io_audit_floors_match_the_specs():
+    assert set(AUDIT_IDEAL) == set(KERNEL_AUDITS)
+    for name, mode in (("layer_norm fwd", "fwd"), ("layer_norm bwd", "bwd"), ("gelu fwd", "fwd"), ("gelu bwd", "bwd")):
+        b = specs.Bench(name.split()[0], {"N": 256, "C": 3072 if name.startswith("gelu") else 768})
+        assert specs.ideal_bytes(b, mode) == AUDIT_IDEAL[name], name
+    assert specs.ideal_bytes(specs.Bench("AdamW", {"params": 248_832}, "float32"), "step") == AUDIT_IDEAL["AdamW step"]
+
+
+@pytest.mark.parametrize("name", KERNEL_AUDITS)
+def test_io_audit_ideal_is_the_op_s_floor(audit_rows, name):
+    """The denominator of unique/ideal: a floor counted too high (an output twice, the padded vocab of
+    the logits) would let an extra pass through memory under LIMIT. The kernels move at least their floor."""
+    if importlib.util.find_spec(io_audit.AUDITS[name][1]) is None:
+        pytest.skip(f"{io_audit.AUDITS[name][1]} not written yet")
+    row = audit_rows[name]
+    assert row["status"] == "ok", row.get("reason")
+    assert row["ideal_bytes"] == AUDIT_IDEAL[name]
+    assert row["unique_ratio"] >= 0.95, row  # cross_entropy: 0.985 (the ignored row's gradient is torch's zeros)
+    assert row["total_ratio"] >= row["unique_ratio"]
+
+
+def test_io_audit_counts_atomics_as_read_and_write():
+    """An atomic read-modify-write loads and stores its address: counted in both, masked lanes out."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def bump(x_ptr, flag_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.atomic_add(x_ptr + offs, 1.0, mask=offs < n)
+        tl.atomic_cas(flag_ptr, 0, 1)
+
+    x, flag = torch.zeros(100), torch.zeros(1, dtype=torch.int32)
+    with io_audit.Recorder() as rec:
+        bump[(1,)](x, flag, 100, BLOCK=128)
+    assert x.sum() == 100 and flag.item() == 1
+    assert rec.per_tensor({"x": x, "flag": flag}) == {"x": {"read": 400, "written": 400}, "flag": {"read": 4, "written": 4},
+                                                      "other": {"read": 0, "written": 0}}
+    assert rec.unique_bytes() == rec.total_bytes() == 808
+
+
+# ---- run.py's CPU-side logic ----------------------------------------------------------------------
+
+def test_parse_args():
+    args = run.parse_args(["gelu", "--ops", "layer_norm,attention"])
+    assert args.ops == {"gelu", "layer_norm", "attention"} and args.rep == 100 and args.data == "shakespeare"
+    assert run.parse_args([]).ops is None
+    assert run.parse_args(["--quick"]).rep == 50 and run.parse_args(["--quick", "--rep", "7"]).rep == 7
+    for bad in (["nope"], ["--ops", "gelu,nope"], ["--e2e", "--e2e-steps", "5", "--e2e-warmup", "5"]):
+        with pytest.raises(SystemExit):
+            run.parse_args(bad)
+    assert run.parse_args(["--e2e", "--e2e-steps", "5", "--e2e-warmup", "4"]).e2e_warmup == 4
+
+
+def test_quantiles_median_p20_p80():
+    assert run._quantiles([float(x) for x in range(11, 0, -1)]) == [6.0, 3.0, 9.0]  # sorted first
+    assert run._quantiles([0.0, 10.0]) == pytest.approx([5.0, 2.0, 8.0])  # linear interpolation
+    assert run._quantiles([3.0]) == [3.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize("change, fails, warns", [
+    # without the row's own shared_limit, the arch's: 163 KiB on sm_80, 227 KiB on sm_90
+    ({"shared_limit": None, "arch": "sm_80", "shared_bytes": 200 * 1024}, 1, 0),
+    ({"shared_limit": None, "arch": "sm_90", "shared_bytes": 200 * 1024}, 0, 0),
+    ({"expect_ld128": False, "ld128": 0}, 0, 0),  # no 128-bit loads where none are expected: fine
+])
+def test_static_rule_defaults(change, fails, warns):
+    f, w = run.static_problems({**ROW, **change})
+    assert (len(f), len(w)) == (fails, warns), (f, w)
+
+
+def test_static_selects_companion_audits_and_writes_json(monkeypatch, capsys, tmp_path):
+    """`--static add_layer_norm --out DIR`: add_layer_norm is a companion of layer_norm (its audits are
+    layer_norm's module's), so the IO audit covers it; the static JSON is written and valid."""
+    from kernels import _triton_utils
+
+    asked = []
+    monkeypatch.setattr(run, "triton_modules", lambda ops=None: ([], [], []))
+    monkeypatch.setattr(_triton_utils, "static_report", lambda modules, archs=(80, 90): [])
+    monkeypatch.setattr(run, "_cuda_rows", lambda: pytest.fail("add_layer_norm has no CUDA kernel"))
+    monkeypatch.setattr(io_audit, "audit", lambda names=None: asked.append(names) or [])
+    assert run.run_static(run.parse_args(["--static", "add_layer_norm", "--out", str(tmp_path)])) == 0
+    assert set(asked[0]) == {"calibration copy", "calibration double read", "layer_norm fwd", "layer_norm bwd",
+                             "add_layer_norm fwd", "add_layer_norm bwd"}
+    (path,) = tmp_path.glob("*_static.json")
+    doc = report.load(path)
+    assert doc["kind"] == "static" and doc["static"]["failures"] == []
+    floors = doc["static"]["floors"]
+    assert [(f["op"], f["mode"]) for f in floors] == [("add_layer_norm", m) for m in specs.MODES]
+    b = specs.selected({"add_layer_norm"})[0]
+    assert floors[0]["bytes"] == specs.ideal_bytes(b, "fwd")
+    assert floors[0]["floor_s"]["H100 SXM"] == pytest.approx(specs.ideal_bytes(b, "fwd") / 3.35e12)

@@ -248,3 +248,35 @@ def test_meta_tensors_forward_and_backward(make, fast, monkeypatch):
     for m in metas:
         assert m.grad is not None and m.grad.is_meta and m.grad.shape == m.shape
 
+
+
+# ---- the helpers themselves (mutation testing: nothing pinned these directly) ---------------------------
+
+def test_fast_path_only_in_eager_mode(monkeypatch):
+    x = torch.zeros(2)
+    assert _eager.fast_path(x)
+    assert not _eager.fast_path(x.to("meta"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # while torch.compile traces
+    assert not _eager.fast_path(x)
+    monkeypatch.undo()
+    monkeypatch.setattr(_eager, "ENABLED", False)
+    assert not _eager.fast_path(x)
+
+
+def test_check_devices(monkeypatch):
+    cpu, meta = torch.zeros(2), torch.zeros(2, device="meta")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _eager.check_devices("op", cpu, cpu)
+    _eager.check_devices("op", meta, meta, meta_ok=True)
+    with pytest.raises(ValueError, match=r"op \(triton\): tensors on different devices \(cpu and meta\)"):
+        _eager.check_devices("op", cpu, meta, meta_ok=True)
+    with pytest.raises(ValueError, match="different devices"):
+        _eager.check_devices("op", cpu, cpu, meta)
+    with pytest.raises(ValueError, match="tensors on meta are not supported"):
+        _eager.check_devices("op", meta, meta)
+    monkeypatch.delenv("TRITON_INTERPRET")  # the CPU only in Triton's interpreter
+    with pytest.raises(ValueError, match="tensors on cpu are not supported.*TRITON_INTERPRET=1"):
+        _eager.check_devices("op", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="tensors on cpu are not supported"):
+        _eager.check_devices("op", cpu, cpu)

@@ -1,5 +1,6 @@
 """Generation: the KV cache is exact, greedy equals transformers' greedy, sampling is reproducible and
 never picks a padded vocab id; the loader reads our checkpoints and Hugging Face directories."""
+import contextlib
 import io
 
 import pytest
@@ -266,3 +267,121 @@ def test_cli_rejects_negative_counts(tmp_path, capsys, flag, value, message):
     with pytest.raises(SystemExit) as e:
         gen.main(["--model", str(tmp_path / "nothing_here"), flag, value], out=Recorder())
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---- sampling arguments and CLI paths that no test pinned (found by mutation testing) --------------------
+
+def test_temperature_scales_logits_before_softmax_and_top_p(monkeypatch):
+    """The distribution sample_next draws from is softmax(logits / T), and top-p's nucleus is taken on that
+    tempered distribution: probabilities (0.5, 0.3, 0.15, 0.05) at T=0.5 are (0.685, 0.247, 0.062, 0.007),
+    so top_p=0.6 keeps id 0 alone (at T=1 it keeps 0 and 1)."""
+    seen = []
+    real = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda probs, *a, **k: (seen.append(probs.double()), real(probs, *a, **k))[1])
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64)
+    for T in (0.5, 1.0, 2.0):
+        seen.clear()
+        sample_next(p.log().float(), temperature=T, generator=torch.Generator().manual_seed(0))
+        want = p ** (1 / T) / (p ** (1 / T)).sum()
+        torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-6)
+    seen.clear()
+    sample_next(p.log().float(), temperature=0.5, top_p=0.6)
+    sample_next(p.log().float(), temperature=1.0, top_p=0.6)
+    assert seen[0].tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    torch.testing.assert_close(seen[1], torch.tensor([[0.625, 0.375, 0.0, 0.0]], dtype=torch.float64))
+
+
+def test_find_checkpoint_prefers_trainer_checkpoints(tmp_path):
+    for name in ("ckpt_000010.pt", "ckpt_000200.pt", "export_999999.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert gen.find_checkpoint(str(tmp_path)) == str(tmp_path / "ckpt_000200.pt")  # not the higher export_*
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("model_5.pt", "model_40.pt", "final.pt"):
+        (other / name).write_bytes(b"")
+    assert gen.find_checkpoint(str(other)) == str(other / "model_40.pt")
+    (other / "latest").write_text("no_such_file.pt\n")  # names nothing: `latest` is the checkpoint itself
+    assert gen.find_checkpoint(str(other)) == str(other / "latest")
+
+
+def test_load_checkpoint_strips_ddp_prefix(tmp_path):
+    model = random_model(seed=3)
+    _save_ckpt(tmp_path / "ddp.pt", model, prefix="module.")
+    loaded = gen.load_model(str(tmp_path / "ddp.pt"))
+    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_load_model_from_args_dtype(tmp_path):
+    import argparse
+
+    _save_ckpt(tmp_path / "ckpt_1.pt", random_model())
+    args = lambda **kw: argparse.Namespace(**dict(dict(model=str(tmp_path), kernels="torch", device="cpu", dtype=None), **kw))  # noqa: E731
+    model, device, autocast = gen.load_model_from_args(args())
+    assert device == "cpu" and not model.training
+    assert isinstance(autocast, contextlib.nullcontext)  # float32 on the CPU unless asked
+    _, _, autocast = gen.load_model_from_args(args(dtype="bfloat16"))
+    assert isinstance(autocast, torch.autocast) and autocast.fast_dtype == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def eot_model_dir(tmp_path_factory):
+    """A checkpoint whose every next token is <|endoftext|> (50256): ln_f outputs a constant u, and u is
+    aligned with the (tied) embedding row of 50256, far above every other logit."""
+    model = random_model(vocab_size=50257, n_embd=16).float()
+    u = torch.randn(16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(u)
+        model.transformer.wte.weight[50256] = 10 * u
+    path = tmp_path_factory.mktemp("eot")
+    _save_ckpt(path / "ckpt_000001.pt", model)
+    return str(path)
+
+
+def test_cli_stops_at_endoftext_and_block_size_bounds(eot_model_dir):
+    out = Recorder()
+    assert gen.main(["--model", eot_model_dir, "--prompt", "Hi", "--max-new-tokens", "5"], out=out) == [[]]
+    assert out.getvalue() == "Hi\n"  # <|endoftext|> ends the sample and is not printed
+    # 1 prompt token (<|endoftext|>) + 47 = block_size 48: allowed; 48 is not; 0 new tokens is allowed.
+    assert gen.main(["--model", eot_model_dir, "--max-new-tokens", "47"], out=Recorder()) == [[]]
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--model", eot_model_dir, "--max-new-tokens", "48"], out=Recorder())
+    assert e.value.code == 2
+    out = Recorder()
+    assert gen.main(["--model", eot_model_dir, "--prompt", "Hi", "--max-new-tokens", "0"], out=out) == [[]]
+    assert out.getvalue() == "Hi\n"
+
+
+@pytest.fixture(scope="module")
+def cli_model_dir(tmp_path_factory):
+    model = random_model(vocab_size=50257, n_embd=16).float()
+    path = tmp_path_factory.mktemp("cli")
+    _save_ckpt(path / "ckpt_000001.pt", model)
+    return str(path), model
+
+
+def test_cli_sampling_flags_reach_the_sampler(cli_model_dir, monkeypatch):
+    """--seed, --top-k and --no-cache are passed on; a long prompt is used whole."""
+    import tiktoken
+
+    path, model = cli_model_dir
+    text = "The quick brown fox jumps over the lazy dog, again and again"
+    idx = torch.tensor([tiktoken.get_encoding("gpt2").encode(text)])
+    greedy = model.generate(idx, 6, temperature=0)[0, idx.shape[1]:].tolist()
+    run = lambda *flags: gen.main(["--model", path, "--prompt", text, "--max-new-tokens", "6", *flags], out=Recorder())  # noqa: E731
+    assert run("--temperature", "0") == [greedy]
+    assert run("--top-k", "1", "--temperature", "1.5") == [greedy]
+    a = run("--seed", "3")
+    assert a == run("--seed", "3") and a != run("--seed", "4") and a != [greedy]
+    monkeypatch.setattr(GPT, "forward_cached", lambda *a, **k: pytest.fail("--no-cache used the KV cache"))
+    assert run("--no-cache", "--seed", "3") == a  # the cache changes nothing but the speed
+
+
+@pytest.mark.parametrize("kernels, message", [("torch,layer_norm=cuda", "not implemented by backend 'cuda'"),
+                                              ("tpu", "unknown backend 'tpu'")])
+def test_cli_bad_kernels_is_one_error_line(cli_model_dir, capsys, kernels, message):
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--model", cli_model_dir[0], "--kernels", kernels, "--max-new-tokens", "2"], out=Recorder())
+    err = capsys.readouterr().err  # (after the note our checkpoints print on how they are unpickled)
+    assert e.value.code == 1 and "Traceback" not in err, err
+    assert err[err.index("\nerror: "):].count("error: ") == 1 and message in err, err

@@ -146,3 +146,53 @@ def test_torch_backend_adamw_takes_generators_in_groups():
 def test_cross_entropy_vocab_size_out_of_range_raises():
     with pytest.raises(ValueError, match="vocab_size 20 must be in"):
         ref.cross_entropy(torch.randn(2, 16), torch.tensor([0, 1]), vocab_size=20)
+
+
+# ---- arguments that every call above left at one value (mutation testing found them unpinned) -----------
+
+def test_layer_norm_eps_default_and_out_dtype():
+    """eps is used (a small-variance input, where eps dominates), defaults to GPT-2's 1e-5, and out_dtype
+    sets the output's dtype."""
+    x = torch.randn(4, 96) * 1e-3 + 0.5  # variance ~1e-6: eps 1e-5 vs 1e-6 changes the output ~3x
+    w, b = torch.randn(96), torch.randn(96)
+    for eps in (0.1, 1e-5):
+        torch.testing.assert_close(ref.layer_norm(x, w, b, eps).double(), ln64(x, w, b, eps), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ref.layer_norm(x, w, b).double(), ln64(x, w, b, 1e-5), rtol=1e-4, atol=1e-4)
+    out = ref.layer_norm(x, w, b, 0.1, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ln64(x, w, b, 0.1), rtol=0.02, atol=0.02)
+
+
+def test_add_layer_norm_is_sum_then_layer_norm():
+    x, r = torch.randn(3, 64, dtype=torch.bfloat16), torch.randn(3, 64) * 1e-3
+    w, b = torch.randn(64), torch.randn(64)
+    s, y = ref.add_layer_norm(x, r, w, b, 0.1, out_dtype=torch.bfloat16)
+    assert s.dtype == torch.float32 and torch.equal(s, x.float() + r)  # PyTorch's promoted dtype
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), ln64(s, w, b, 0.1), rtol=0.02, atol=0.02)
+    s, y = ref.add_layer_norm(r, r, w, b)  # default eps 1e-5 on a small-variance sum
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ln64(2 * r, w, b, 1e-5), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_cross_entropy_other_ignore_index(ignore_index):
+    """ignore_index is honoured whatever its value (3: a real class id), in the loss and the mean."""
+    logits = torch.randn(6, 12) * 3
+    targets = torch.tensor([0, 3, 9, ignore_index, 5, ignore_index])
+    got = ref.cross_entropy(logits, targets, ignore_index=ignore_index, vocab_size=10)
+    assert abs(got.item() - ce64(logits, targets, ignore_index, vocab_size=10)) < 1e-5
+    h, w = torch.randn(6, 8), torch.randn(12, 8)
+    got = ref.linear_cross_entropy(h, w, targets, ignore_index=ignore_index, vocab_size=10)
+    assert abs(got.item() - ce64(h.double() @ w.double().T, targets, ignore_index, vocab_size=10)) < 1e-5
+
+
+def test_cross_entropy_vocab_size_range_is_inclusive():
+    logits, targets = torch.randn(3, 16) * 2, torch.tensor([15, 0, 7])
+    full = ref.cross_entropy(logits, targets)
+    assert torch.equal(ref.cross_entropy(logits, targets, vocab_size=16), full)  # the whole width is valid
+    assert abs(full.item() - ce64(logits, targets)) < 1e-5
+    one = ref.cross_entropy(logits, torch.tensor([0, 0, 0]), vocab_size=1)  # one real class: loss 0
+    assert one.item() == 0.0
+    with pytest.raises(ValueError, match="vocab_size 0 must be in"):
+        ref.cross_entropy(logits, targets, vocab_size=0)

@@ -109,3 +109,110 @@ def test_loss_row_checks_switch():
         kernels.set_loss_row_checks(previous)
     with pytest.raises(ValueError, match="all -inf"):
         lce.check_loss(torch.tensor(float("nan")), torch.tensor([0]), -1, 10, "test")
+
+
+# ---- which implementation each spec really resolves to (mutation testing found these unpinned) -----------
+
+def _triton_impls():
+    """op -> the triton backend's implementation, named here independently of kernels._REGISTRY."""
+    from kernels import adamw, attention, cross_entropy, gelu, layernorm
+
+    return {"layer_norm": layernorm.layer_norm, "gelu": gelu.gelu, "attention": attention.attention,
+            "cross_entropy": cross_entropy.cross_entropy,
+            "linear_cross_entropy": cross_entropy.linear_cross_entropy, "AdamW": adamw.AdamW}
+
+
+def test_default_spec_is_torch():
+    ops = get_ops()
+    assert set(ops.backends.values()) == {"torch"} and not ops.explicit
+    assert ops.gelu is reference.gelu and ops.add_layer_norm is reference.add_layer_norm
+
+
+def test_triton_spec_is_triton_for_every_op():
+    """"triton" must give triton's own function for every op (no op quietly mapped to the reference), and
+    LayerNorm's companion add_layer_norm from the same backend module."""
+    from kernels import layernorm
+
+    ops, want = get_ops("triton"), _triton_impls()
+    assert set(ops.backends.values()) == {"triton"}
+    for op in kernels.OPS:
+        assert getattr(ops, op) is want[op], op
+        assert getattr(ops, op) is not getattr(reference, op), op
+    assert ops.add_layer_norm is layernorm.add_layer_norm
+    assert not ops.fused_classifier  # the default backend alone never asks for the fused classifier
+    assert get_ops("triton,linear_cross_entropy=triton").fused_classifier
+
+
+@pytest.mark.parametrize("op", kernels.OPS)
+def test_an_override_changes_its_op_only(op):
+    backends, explicit = kernels.parse_spec(f"torch,{op}=triton")
+    assert explicit == {op}
+    assert backends == {o: ("triton" if o == op else "torch") for o in kernels.OPS}
+    backends, _ = kernels.parse_spec(f"triton,{op}=torch")
+    assert backends == {o: ("torch" if o == op else "triton") for o in kernels.OPS}
+
+
+def test_override_resolves_that_op_and_its_companion_only():
+    from kernels import layernorm
+
+    want = _triton_impls()
+    ops = get_ops("torch,gelu=triton")
+    assert ops.gelu is want["gelu"] and ops.layer_norm is reference.layer_norm
+    assert ops.add_layer_norm is reference.add_layer_norm
+    ops = get_ops("torch,layer_norm=triton")
+    assert ops.layer_norm is want["layer_norm"] and ops.add_layer_norm is layernorm.add_layer_norm
+    assert ops.gelu is reference.gelu and ops.attention is reference.attention
+
+
+def test_spec_whitespace_is_ignored_names_are_exact():
+    backends, explicit = kernels.parse_spec("  triton , gelu = torch ,attention= torch")
+    assert backends == dict({o: "triton" for o in kernels.OPS}, gelu="torch", attention="torch")
+    assert explicit == {"gelu", "attention"}
+    for spec, needle in [("Torch", "unknown backend 'Torch'"), ("torch,GELU=triton", "unknown op 'GELU'"),
+                         ("torch,gelu=TRITON", "unknown backend 'TRITON'")]:
+        with pytest.raises(ValueError) as e:
+            kernels.parse_spec(spec)
+        assert needle in str(e.value), spec
+
+
+def test_missing_linear_cross_entropy_is_an_error_only_when_named(monkeypatch):
+    """A default backend without linear_cross_entropy is fine (the attribute raises when called); naming it
+    in the spec raises BackendUnavailable up front. Any other missing op is an error either way."""
+    monkeypatch.delitem(kernels._REGISTRY["linear_cross_entropy"], "triton")
+    ops = get_ops("triton")
+    assert ops.gelu is _triton_impls()["gelu"]
+    with pytest.raises(BackendUnavailable, match="linear_cross_entropy=triton: op 'linear_cross_entropy' is not implemented"):
+        ops.linear_cross_entropy(None, None, None)
+    for spec in ("triton,linear_cross_entropy=triton", "torch,linear_cross_entropy=triton"):
+        with pytest.raises(BackendUnavailable, match="linear_cross_entropy=triton"):
+            get_ops(spec)
+    monkeypatch.delitem(kernels._REGISTRY["gelu"], "triton")
+    with pytest.raises(BackendUnavailable, match="gelu=triton: op 'gelu' is not implemented"):
+        get_ops("triton")
+
+
+def test_module_reasons_and_import_errors(monkeypatch, tmp_path):
+    """A backend module's unavailable_reason() refuses it with that reason; a module that does not exist is
+    'not implemented yet'; but a module that exists and fails to import (a missing dependency) raises its
+    ImportError instead of being passed off as not implemented."""
+    (tmp_path / "fake_refusing_backend.py").write_text(
+        "def unavailable_reason():\n    return 'needs the flux capacitor'\ngelu = object()\n")
+    (tmp_path / "fake_broken_backend.py").write_text("import no_such_dependency_xyz\ngelu = object()\n")
+    (tmp_path / "fake_fine_backend.py").write_text("def unavailable_reason():\n    return None\ngelu = object()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    gelu = kernels._REGISTRY["gelu"]
+    monkeypatch.setitem(gelu, "cuda", "fake_refusing_backend:gelu")
+    with pytest.raises(BackendUnavailable, match="gelu=cuda: needs the flux capacitor"):
+        get_ops("torch,gelu=cuda")
+    monkeypatch.setitem(gelu, "cuda", "fake_fine_backend:gelu")
+    import fake_fine_backend
+
+    assert get_ops("torch,gelu=cuda").gelu is fake_fine_backend.gelu
+    monkeypatch.setitem(gelu, "cuda", "fake_no_such_backend_module:gelu")
+    with pytest.raises(BackendUnavailable, match="fake_no_such_backend_module does not exist"):
+        get_ops("torch,gelu=cuda")
+    monkeypatch.setitem(gelu, "cuda", "fake_broken_backend:gelu")
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency_xyz"):
+        get_ops("torch,gelu=cuda")
+    ok, reason = kernels.available()["cuda"]["gelu"]
+    assert not ok and "ModuleNotFoundError" in reason and "no_such_dependency_xyz" in reason

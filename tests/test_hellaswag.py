@@ -168,6 +168,10 @@ def test_cli_json(hf_dir, data_path, capsys):
     result = hellaswag.main(["--model", hf_dir[0], "--data", data_path, "--limit", "6", "--batch-size", "4", "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert printed == result and set(printed) == {"n", "acc", "acc_norm", "acc_norm_char"} and printed["n"] == 6
+    text = hellaswag.main(["--model", hf_dir[0], "--data", data_path, "--limit", "10", "--batch-size", "4"])
+    assert len({text["acc"], text["acc_norm"], text["acc_norm_char"]}) == 3  # a mixed-up label shows
+    assert capsys.readouterr().out == (f"HellaSwag (10 examples): acc {text['acc']:.4f}  acc_norm {text['acc_norm']:.4f}  "
+                                       f"acc_norm_char {text['acc_norm_char']:.4f}\n")
     with pytest.raises(FileNotFoundError, match="no such HellaSwag file"):
         hellaswag.evaluate(None, data_path=str(data_path) + ".missing")
 
@@ -262,3 +266,52 @@ def test_torchrun_splits_examples_across_ranks(hf_dir, data_path, tmp_path):
     assert len(lines) == 1, p.stdout  # rank 0 only
     got = json.loads(lines[0])
     assert got["n"] == 5 and got == pytest.approx(one, abs=1e-12)
+
+
+def test_ties_go_to_the_first_ending():
+    """Each metric's argmax over the 4 endings picks the first of equal maxima (as the plain version does)."""
+    sums = torch.tensor([[-2.0, -1.0, -1.0, -3.0], [-4.0, -4.0, -4.0, -4.0]], dtype=torch.float64)
+    n_tok = torch.tensor([[2.0, 1.0, 1.0, 1.0], [4.0, 2.0, 2.0, 1.0]], dtype=torch.float64)
+    n_char = torch.tensor([[2.0, 1.0, 1.0, 3.0], [1.0, 4.0, 4.0, 1.0]], dtype=torch.float64)
+    acc, acc_norm, acc_norm_char = hellaswag.predictions(sums, n_tok, n_char)
+    assert acc.tolist() == [1, 0] and acc_norm.tolist() == [0, 0] and acc_norm_char.tolist() == [0, 1]
+
+
+def test_string_labels_and_empty_context(tmp_path):
+    """The HF datasets copy stores labels as strings ("2"): read as ints. An empty context is a named error."""
+    path = tmp_path / "hs.jsonl"
+    path.write_text(json.dumps(dict(GOOD, label="2")) + "\n" + json.dumps(dict(GOOD, label="3")) + "\n")
+    assert [ex["label"] for ex in hellaswag.read_examples(str(path))] == [2, 3]
+    with pytest.raises(ValueError, match="hs.jsonl:4: empty context"):
+        hellaswag.build_batch([([], [[1, 2]] * 4, [1] * 4, 0, "hs.jsonl:4")], T=16, rows=4)
+
+
+def test_default_data_path_and_download_on_first_use(tmp_path, monkeypatch):
+    """Without --data: $GPT2_DATA_CACHE/hellaswag/ when the file is there, else the user cache, downloaded
+    (by rank 0) when missing, then scored; a batch_size below 1 is a named error."""
+    shared = tmp_path / "shared"
+    (shared / "hellaswag").mkdir(parents=True)
+    monkeypatch.setenv("GPT2_DATA_CACHE", str(shared))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cached = tmp_path / "xdg" / "gpt2-kernel-lab" / "hellaswag" / "hellaswag_val.jsonl"
+    assert hellaswag.default_data_path() == str(cached)  # the shared folder lacks the file
+    (shared / "hellaswag" / "hellaswag_val.jsonl").write_text(json.dumps(GOOD) + "\n")
+    assert hellaswag.default_data_path() == str(shared / "hellaswag" / "hellaswag_val.jsonl")
+    monkeypatch.delenv("GPT2_DATA_CACHE")
+    downloads = []
+
+    def fake_download(path):
+        downloads.append(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write((json.dumps(GOOD) + "\n") * 3)
+
+    monkeypatch.setattr(hellaswag, "download", fake_download)
+    model = GPT(GPTConfig(block_size=32, vocab_size=50257, n_layer=1, n_head=1, n_embd=8))
+    assert hellaswag.evaluate(model, batch_size=2)["n"] == 3 and downloads == [str(cached)]
+    cached.unlink()  # another rank never downloads (without a process group there is no barrier to wait at)
+    with pytest.raises(FileNotFoundError):
+        hellaswag.evaluate(model, batch_size=2, rank=1, world_size=2)
+    assert len(downloads) == 1
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        hellaswag.evaluate(model, batch_size=0)

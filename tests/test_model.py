@@ -18,19 +18,46 @@ def test_124m_parameter_count():
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "small", "tiny"])
+# (n_layer, n_head, n_embd, block_size), and OpenAI's parameter counts for the four GPT-2 sizes
+PRESETS = {"gpt2": (12, 12, 768, 1024, 124_439_808), "gpt2-medium": (24, 16, 1024, 1024, 354_823_168),
+           "gpt2-large": (36, 20, 1280, 1024, 774_030_080), "gpt2-xl": (48, 25, 1600, 1024, 1_557_611_200),
+           "small": (6, 6, 384, 512, None), "tiny": (4, 4, 128, 256, None)}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
 def test_presets(name):
+    n_layer, n_head, n_embd, block_size, params = PRESETS[name]
     cfg = GPTConfig.preset(name)
-    assert cfg.n_embd % cfg.n_head == 0
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.vocab_size) == (n_layer, n_head, n_embd, block_size, 50257)
+    if params:  # the closed form of num_params(): no model needed
+        C, L = n_embd, n_layer
+        assert cfg.vocab_size * C + block_size * C + L * (12 * C * C + 13 * C) + 2 * C == params
+    over = GPTConfig.preset(name, n_layer=1, block_size=64)  # overrides win, the rest stays
+    assert (over.n_layer, over.n_head, over.n_embd, over.block_size) == (1, n_head, n_embd, 64)
     with pytest.raises(ValueError, match="unknown model preset"):
         GPTConfig.preset("gpt5")
+    with pytest.raises(ValueError, match=r"n_embd \(100\) must be divisible by n_head \(3\)"):
+        GPTConfig(n_embd=100, n_head=3)
+
+
+@pytest.mark.parametrize("vocab, padded", [(1, 128), (100, 128), (128, 128), (256, 256), (257, 384), (50257, 50304)])
+def test_padded_vocab_size(vocab, padded):
+    assert GPTConfig(vocab_size=vocab).padded_vocab_size == padded  # the next multiple of 128, itself if one
 
 
 def test_init_scales_residual_projections():
     model = GPT(GPTConfig.preset("small"))
-    std = model.transformer.h[0].attn.c_proj.weight.std().item()
-    assert abs(std - 0.02 / (2 * 6) ** 0.5) < 5e-4
-    assert abs(model.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 5e-4
+    for block in model.transformer.h:
+        for proj in (block.attn.c_proj, block.mlp.c_proj):  # both residual projections: 0.02 / sqrt(2 n_layer)
+            assert abs(proj.weight.std().item() - 0.02 / (2 * 6) ** 0.5) < 5e-4
+        for lin in (block.attn.c_attn, block.mlp.c_fc):
+            assert abs(lin.weight.std().item() - 0.02) < 5e-4
+        for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            assert torch.count_nonzero(lin.bias) == 0
+        for ln in (block.ln_1, block.ln_2):
+            assert torch.all(ln.weight == 1) and torch.all(ln.bias == 0)
+    for emb in (model.transformer.wte, model.transformer.wpe):  # embeddings: 0.02 too (not nn.Embedding's 1.0)
+        assert abs(emb.weight.std().item() - 0.02) < 5e-4 and abs(emb.weight.mean().item()) < 5e-4
 
 
 def test_forward_shapes_and_padding_never_wins():
@@ -46,6 +73,29 @@ def test_forward_shapes_and_padding_never_wins():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
+@pytest.mark.parametrize("spec", ["torch", "torch,linear_cross_entropy=torch"])
+def test_loss_excludes_padded_columns_and_ignored_targets(spec):
+    """Both loss paths (full logits + cross_entropy, and linear_cross_entropy, which never builds the logits)
+    give the float64 cross-entropy of the real-vocab logits, with forward's ignore_index honored. The padded
+    lm_head rows are random and large here (a constant row would give ~0 logits: LayerNorm output has zero mean)."""
+    from numerics import assert_close
+
+    model = GPT(GPTConfig(**TINY), kernels=spec)
+    with torch.no_grad():
+        model.lm_head.weight[100:] = 3 * torch.randn(28, 64)
+    idx = torch.randint(0, 100, (2, 9))
+    targets = idx.roll(-1, dims=1)
+    targets[0, :4] = -100
+    targets[1, -1] = -100
+    with torch.no_grad():
+        logits = model(idx)[0]  # no targets: logits on both paths
+        expect = torch.nn.functional.cross_entropy(logits.double().view(-1, 100), targets.view(-1), ignore_index=-100)
+        baseline = torch.nn.functional.cross_entropy(logits.view(-1, 100), targets.view(-1), ignore_index=-100)
+        out, loss = model(idx, targets, ignore_index=-100)
+    assert (out is None) == ("linear_cross_entropy" in spec)
+    assert_close(loss, expect, baseline, atol=1e-5, name="loss")
+
+
 def test_padded_rows_get_no_gradient():
     model = GPT(GPTConfig(**TINY))
     idx = torch.randint(0, 100, (2, 9))
@@ -55,7 +105,7 @@ def test_padded_rows_get_no_gradient():
 
 def _hf_model(tmp_path, **kw):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(vocab_size=kw.get("vocab_size", 300), n_positions=64, n_embd=48, n_layer=2, n_head=4)
+    cfg = transformers.GPT2Config(**{**dict(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=4), **kw})
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(cfg).eval()
     with torch.no_grad():  # random LN params too, so a swapped weight/bias shows up
@@ -67,9 +117,13 @@ def _hf_model(tmp_path, **kw):
 
 
 def test_hf_parity_logits_and_loss(tmp_path):
-    hf = _hf_model(tmp_path)
+    # not GPT-2's 1e-5: the config's epsilon must reach every LayerNorm (embeddings have variance ~1e-3)
+    hf = _hf_model(tmp_path, layer_norm_epsilon=1e-3)
     ours = GPT.from_pretrained(str(tmp_path)).eval()
     assert ours.config.vocab_size == 300 and ours.config.padded_vocab_size == 384
+    assert ours.config.layer_norm_eps == 1e-3
+    assert ours.lm_head.weight is ours.transformer.wte.weight
+    assert torch.count_nonzero(ours.transformer.wte.weight[300:]) == 0  # padded rows zeroed, not left random
     idx = torch.randint(0, 300, (3, 40))
     with torch.no_grad():
         expect = hf(idx, labels=idx)
@@ -78,6 +132,21 @@ def test_hf_parity_logits_and_loss(tmp_path):
         _, loss = ours(idx[:, :-1], idx[:, 1:])
     assert (logits - expect.logits).abs().max().item() <= 1e-5
     assert abs(loss.item() - expect.loss.item()) <= 1e-5
+
+
+def test_hf_state_dict_without_prefix_and_with_mask_buffers(tmp_path):
+    """A GPT2Model state dict (keys without "transformer.") and the causal-mask buffers older transformers
+    saved (attn.bias, attn.masked_bias) load: the prefix is added, the buffers are skipped."""
+    hf = _hf_model(tmp_path)
+    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    for i in range(2):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64, dtype=torch.bool)).view(1, 1, 64, 64)
+        sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    ours = GPT(GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=4, n_embd=48)).eval()
+    ours.load_hf_state_dict(sd, "hf.bin")
+    idx = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-5
 
 
 def test_hf_errors_name_the_problem(tmp_path):
@@ -106,9 +175,13 @@ def test_hf_errors_name_the_problem(tmp_path):
         GPT.from_pretrained(str(tmp_path))
     save_file(sd, tmp_path / "model.safetensors")
     cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": False}))
-    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
-        GPT.from_pretrained(str(tmp_path))
+    for key, value in (("tie_word_embeddings", False), ("scale_attn_by_inverse_layer_idx", True),
+                       ("reorder_and_upcast_attn", True), ("add_cross_attention", True)):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ValueError, match=f"{key}={value}"):
+            GPT.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "activation_function": "gelu_pytorch_tanh"}))
+    GPT.from_pretrained(str(tmp_path))  # the same tanh GELU under its other name
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors or pytorch_model.bin"):

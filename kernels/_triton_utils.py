@@ -64,8 +64,8 @@ def aot_compile(spec, arch):
     return {
         "name": spec.name, "arch": f"sm_{arch}", "registers": regs, "spill_bytes": spill_st + spill_ld,
         "stack_bytes": stack, "shared_bytes": shared, "shared_limit": SHARED_LIMIT[arch],
-        "ld128": len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.(?:b32|u32|f32|s32)", ptx))
-        + len(re.findall(r"ld\.global(?:\.\w+)*\.v2\.(?:b64|u64|f64)", ptx)),
+        "ld128": len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.(?:b32|u32|f32|s32)", ptx))
+        + len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v2\.(?:b64|u64|f64)", ptx)),
         "ld_total": len(re.findall(r"ld\.global", ptx)),
         "expect_ld128": spec.expect_ld128, "num_warps": spec.num_warps, "num_stages": spec.num_stages,
     }

@@ -364,8 +364,8 @@ def _ptx_counts(ptx):
     counts = {}
     for m in re.finditer(r"\.entry\s+(\w+)\((.*?)^}", ptx, re.M | re.S):
         body = m.group(2)
-        counts[(m.group(1), arch)] = (len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.(?:b32|u32|f32)", body)),
-                                      len(re.findall(r"st\.global(?:\.\w+)*\.v4\.(?:b32|u32|f32)", body)))
+        counts[(m.group(1), arch)] = (len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.(?:b32|u32|f32)", body)),
+                                      len(re.findall(r"st\.global(?:\.[\w:]+)*\.v4\.(?:b32|u32|f32)", body)))
     return counts
 
 

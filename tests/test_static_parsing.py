@@ -128,6 +128,20 @@ def test_aot_compile_scalar_global_loads_are_not_128_bit(monkeypatch):
     assert U.check_report(row) == ["no 128-bit global loads"]
 
 
+def test_cache_qualified_vector_loads_count_as_128_bit(monkeypatch):
+    """Vector loads with a cache qualifier (Triton emits ld.global.L1::evict_last.v4.b32 for
+    eviction_policy="evict_last") are 128-bit loads too, in both counters: Triton kernels and the CUDA PTX."""
+    loads = ("ld.global.L1::evict_last.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n"
+             "ld.global.nc.L2::128B.v4.f32 {%f1, %f2, %f3, %f4}, [%rd2];\n"
+             "ld.global.L1::no_allocate.v2.b64 {%rd5, %rd6}, [%rd3];\n")
+    _fake_compile(monkeypatch, PTX_HEAD + loads + "}\n", PTXAS_LOG.format(stack=0, st=0, ld=0, regs=32))
+    row = U.aot_compile(SPEC, 90)
+    assert row["ld128"] == 3 and row["ld_total"] == 3 and U.check_report(row) == []
+    cuda_ptx = (PTX_80.replace("ld.global.v4.f32", "ld.global.L1::evict_last.v4.f32")
+                .replace("st.global.v4.b32", "st.global.L1::no_allocate.v4.b32"))
+    assert cuda_ptx != PTX_80 and C._ptx_counts(cuda_ptx) == C._ptx_counts(PTX_80)
+
+
 def test_aot_compile_flags_shared_memory_over_the_arch_limit(monkeypatch):
     ptx = PTX_HEAD + "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n}\n"
     _fake_compile(monkeypatch, ptx, PTXAS_LOG.format(stack=0, st=0, ld=0, regs=32), shared=200 * 1024)

@@ -2,20 +2,21 @@
 # One call on a lent GPU machine: install, GPU tests, kernel timings, end-to-end runs.
 #   OUT=/dir bash bench/gpu_session.sh "tests bench e2e"   (any subset, in that order; also lntune: bench/ln_tune.py,
 #   cetune: bench/ce_tune.py)
-#   OUT=/dir bash bench/gpu_session.sh plan   (bench/NOTES.md's ~8-minute plan: chosen GPU tests, bench --quick, e2e --quick)
+#   OUT=/dir bash bench/gpu_session.sh plan   (bench/NOTES.md's ~9-minute plan: chosen GPU tests, bench --quick, e2e --quick)
 # Data travels in .gpu/ (git-ignored): tiktoken_cache/, corpus/tinyshakespeare.txt, hellaswag/.
 # Logs and results go to $OUT/run/ and come back as one tarball plus the log tails.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 STEPS=${1:-"tests bench e2e"}
-if [ "$STEPS" = "plan" ]; then  # bench/NOTES.md's plan for a 15-minute device budget: ~8 minutes in one call
-  : "${TESTS:=tests/test_classifier.py tests/test_train.py::test_gpu_cuda_graph_matches_eager tests/test_train.py::test_gpu_training_step_never_syncs tests/test_train.py::test_gpu_default_kernels_bf16 tests/test_eager_path.py}"
-  : "${TESTS_TIMEOUT:=200}" "${BENCH_ARGS:=--quick cross_entropy layer_norm add_layer_norm}" "${BENCH_TIMEOUT:=120}"
+if [ "$STEPS" = "plan" ]; then  # bench/NOTES.md's plan for a 15-minute device budget: ~9 minutes in one call
+  : "${TESTS:=tests/test_classifier.py tests/test_train.py::test_gpu_cuda_graph_matches_eager tests/test_train.py::test_gpu_training_step_never_syncs tests/test_train.py::test_gpu_default_kernels_bf16 tests/test_eager_path.py tests/test_layernorm.py::test_autotuned_gpt2_shapes_on_gpu}"
+  : "${TESTS_TIMEOUT:=240}" "${BENCH_ARGS:=--quick cross_entropy layer_norm add_layer_norm}" "${BENCH_TIMEOUT:=120}"
   : "${E2E_ARGS:=--quick}" "${E2E_TIMEOUT:=160}"
   STEPS="tests bench e2e"
 fi
 R=$OUT/run; mkdir -p "$R"
 export PYTHONUNBUFFERED=1 MAX_JOBS=16
+export TRITON_PRINT_AUTOTUNING=1  # each autotuner's choice (attention, LayerNorm) lands in the step's log
 if [ -d .gpu ]; then export TIKTOKEN_CACHE_DIR=$PWD/.gpu/tiktoken_cache GPT2_DATA_CACHE=$PWD/.gpu; fi
 # The machine has no network: if pip cannot install (e.g. it wants setuptools), run from the checkout.
 python -m pip install --no-deps --no-build-isolation -e . > "$R/install.log" 2>&1 || echo "pip install failed (see install.log): using PYTHONPATH"

@@ -17,7 +17,9 @@ uses 148 registers on sm_90 at the default config).
 Timing: device only, CUDA-graph replay of 20 calls rotating through 4 input copies (so inputs of 25 MB do not
 sit in the 50 MB L2 between calls), median of 5 replays, CUDA events. Every candidate's outputs are checked
 against kernels.reference in float64 terms (dx, dw, db within 2x the default config's error + 1e-6).
-The op uses kernels/layernorm.py's _tile() / BWD_PROGRAMS_PER_SM / BWD_STAGES: change those after a sweep.
+The op's fixed launch is kernels/layernorm.py's _tile() / BWD_PROGRAMS_PER_SM / BWD_STAGES (the baseline here:
+the sweep turns the op's autotuning off); on a GPU, inputs of >= ln.AUTOTUNE_MIN_ELEMENTS are autotuned among
+ln.FWD_TUNE / ln.BWD_TUNE. A sweep is how to choose those tables.
 """
 import argparse
 import json
@@ -136,6 +138,7 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         default = {"y": y, "dx": dx, "dw": dw, "db": db}
     default_err = {k: (v.double() - truth[k]).abs().max().item() for k, v in default.items()}
     block_c = 1 << (C - 1).bit_length()
+    bucket = 1 << (N - 1).bit_length()  # the kernels' ROWS_BUCKET argument (an autotune key; unused here)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev == "cuda" else 1
     rows = []
 
@@ -153,7 +156,7 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
             xi, ri, wi, bi, _, _ = sets[i]
             si, yi, mi, rsi = outs[i]
             ln._layer_norm_fwd_kernel[(-(-N // br),)](xi, ri if add else xi, si, wi, bi, yi, mi, rsi, C, C, N, C,
-                                                       1e-5, BLOCK_R=br, BLOCK_C=block_c, HAS_RESIDUAL=add,
+                                                       1e-5, bucket, BLOCK_R=br, BLOCK_C=block_c, HAS_RESIDUAL=add,
                                                        num_warps=warps)
         row = {"kernel": "fwd", "dtype": dtype_name, "N": N, "C": C, "block_r": br, "warps": warps}
         try:
@@ -176,25 +179,23 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
             si, (_, mi, rsi) = xi, ln.layer_norm_fwd(xi, wi, bi, 1e-5)
         stats.append((si, mi, rsi))
     for br, warps, stages, per_sm in bwd_cfgs:
-        tiles = -(-N // br)
-        tpp = -(-tiles // (per_sm * sms))
-        programs = -(-tiles // tpp)
-        outs = [(torch.empty_like(x), torch.empty(2, programs, C, device=dev)) for _ in sets]
+        programs = ln._bwd_programs(-(-N // br), per_sm * sms)
+        outs = [(torch.empty_like(x), torch.empty(programs, 2, C, device=dev)) for _ in sets]
 
-        def launch_bwd(i, br=br, warps=warps, stages=stages, tpp=tpp, programs=programs):
+        def launch_bwd(i, br=br, warps=warps, stages=stages, per_sm=per_sm, programs=programs):
             _, _, wi, _, dyi, dsi = sets[i]
             xi, mi, ri = stats[i]
             dxi, parts = outs[i]
             ln._layer_norm_bwd_kernel[(programs,)](dyi, xi, wi, mi, ri, dxi, dsi if add else dyi, parts,
-                                                   C, C, C, N, C, tpp, BLOCK_R=br, BLOCK_C=block_c, STAGES=stages,
-                                                   HAS_DS=add, num_warps=warps)
-            parts.sum(1)  # the op's reduction of the partial sums (a torch kernel), timed with it
+                                                   C, C, C, N, C, bucket, BLOCK_R=br, BLOCK_C=block_c, STAGES=stages,
+                                                   PER_SM=per_sm, HAS_DS=add, num_warps=warps)
+            parts.sum(0)  # the op's reduction of the partial sums (a torch kernel), timed with it
         row = {"kernel": "bwd", "dtype": dtype_name, "N": N, "C": C, "block_r": br, "warps": warps, "stages": stages,
                "programs_per_sm": per_sm, "programs": programs}
         try:
             ms = timer([lambda i=i: launch_bwd(i) for i in range(SETS)])
             dxi, parts = outs[0]
-            sums = parts.sum(1)
+            sums = parts.sum(0)
             err, bad = check({"dx": dxi, "dw": sums[0], "db": sums[1]})
             default = (br, block_c, warps) == ln._tile(C) and stages == ln.BWD_STAGES and per_sm == ln.BWD_PROGRAMS_PER_SM
             row.update(ms=ms, gbps=bwd_bytes / ms / 1e6, pct_copy=100 * bwd_bytes / ms / 1e6 / copy_gbps,
@@ -239,7 +240,9 @@ def main(argv=None):
     if any(n < 1 for n in rows_list + fp32_rows + add_rows) or args.C < 1:
         p.error("--rows and --C must be >= 1")
     from bench.run import measure_limits
+    from kernels import layernorm as ln
 
+    ln.AUTOTUNE = False  # the checks' baseline ("default") is the op's fixed launch
     limits = measure_limits(quick=True)
     log = []
 

@@ -64,9 +64,12 @@ def aot_compile(spec, arch):
     return {
         "name": spec.name, "arch": f"sm_{arch}", "registers": regs, "spill_bytes": spill_st + spill_ld,
         "stack_bytes": stack, "shared_bytes": shared, "shared_limit": SHARED_LIMIT[arch],
+        # global loads: ld.global, and cp.async copies global -> shared (a pipelined loop's prefetches,
+        # `tl.range(num_stages=)`), 128-bit when they move 16 bytes
         "ld128": len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4\.(?:b32|u32|f32|s32)", ptx))
-        + len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v2\.(?:b64|u64|f64)", ptx)),
-        "ld_total": len(re.findall(r"ld\.global", ptx)),
+        + len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v2\.(?:b64|u64|f64)", ptx))
+        + len(re.findall(r"cp\.async(?:\.[\w:]+)*\.shared(?:::cta)?\.global(?:\.[\w:]+)*\s+\[[^]]*\],\s*\[[^]]*\],\s*(?:16|0x10)\b", ptx)),
+        "ld_total": len(re.findall(r"ld\.global", ptx)) + len(re.findall(r"cp\.async(?:\.[\w:]+)*\.shared(?:::cta)?\.global", ptx)),
         "expect_ld128": spec.expect_ld128, "num_warps": spec.num_warps, "num_stages": spec.num_stages,
     }
 
@@ -116,9 +119,23 @@ def static_report(modules, archs=(80, 90), int_ones=False):
 def _main(argv):
     import importlib
     import json
+    import sys
 
+    usage = ("usage: python -m kernels._triton_utils ARCHS[:ones] MODULE...   e.g. 80,90 kernels.layernorm\n"
+             "  compiles each MODULE's compile_specs() for sm_<arch> and prints one JSON row per kernel and arch")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     arch_list, _, mode = argv[0].partition(":")
-    archs = [int(a) for a in arch_list.split(",")]
+    try:
+        archs = [int(a) for a in arch_list.split(",")]
+    except ValueError:
+        print(f"kernels._triton_utils: ARCHS must be comma-separated integers such as 80,90, got {argv[0]!r}\n{usage}",
+              file=sys.stderr)
+        return 2
+    if mode not in ("", "ones"):
+        print(f"kernels._triton_utils: unknown mode {mode!r} after ':' (only 'ones')\n{usage}", file=sys.stderr)
+        return 2
     rows = []
     for name in argv[1:]:
         specs = importlib.import_module(name).compile_specs()
@@ -136,9 +153,10 @@ def _main(argv):
                 row["module"] = name
                 rows.append(row)
     print(json.dumps(rows))
+    return 0
 
 
 if __name__ == "__main__":
     import sys
 
-    _main(sys.argv[1:])
+    sys.exit(_main(sys.argv[1:]))

@@ -49,8 +49,10 @@ Eager calls: attention() runs the two ops' own Python implementations under a to
 
 Test: pytest tests/test_attention.py (interpreter on CPU, real kernel and bf16 on a GPU).
 Benchmark: python bench/run.py (attention); static report: compile_specs() via kernels/_triton_utils.py.
-On a GPU each kernel is autotuned (configs and prune function below) per (next power of two of T, D, dtype);
-in the interpreter each uses one fixed small config (_INTERPRETER_CONFIG).
+On a GPU each kernel is autotuned (configs and prune function below) per (next power of two of T, D, dtype),
+the choice cached on disk (Triton's cache_results: later processes on the machine reuse it, so a resumed run
+computes with the same tiles, hence the same bits); in the interpreter each uses one fixed small config
+(_INTERPRETER_CONFIG).
 """
 import functools
 import math
@@ -386,7 +388,7 @@ def _prune(kind):
 
 
 def _autotuned(kernel, kind, table):
-    return triton.autotune(configs=_configs(table), key=["T_BUCKET", "HEAD_DIM"],
+    return triton.autotune(configs=_configs(table), key=["T_BUCKET", "HEAD_DIM"], cache_results=True,
                            prune_configs_by={"early_config_prune": _prune(kind)})(kernel)
 
 

@@ -7,10 +7,11 @@ What is fused
             cast y to anyway: no cast kernel forward, none backward, and half the bytes of y and dy for an
             fp32 stream under bf16 autocast), and the fp32 row statistics (mean, rstd) for the backward.
   backward  one pass over the same tiles: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w,
-            while each program sums dy * xhat and dy over its rows in fp32 registers and writes them as one
-            row each of a (2, programs, C) fp32 buffer; one torch .sum(1) over that small buffer gives
+            while each program sums dy * xhat and dy over its rows in fp32 registers and writes them as its
+            row of a (programs, 2, C) fp32 buffer; one torch .sum(0) over that small buffer gives
             (dw, db) as a (2, C) tensor, the op's second output.
-            Fixed partition, fixed order, no atomics: the same inputs give bitwise the same gradients.
+            Fixed partition, fixed order, no atomics: the same inputs and launch config give bitwise the same
+            gradients (an autotuned config is cached on disk: the same one in every process on a machine).
   x, w, b may differ in dtype (bf16 x with fp32 w under autocast); all math is fp32.
   add_layer_norm(x, r, w, b) -> (s, y): the forward loads x and r, stores s = x + r (rounded to s's dtype,
             PyTorch's promotion of the two: fp32 for the fp32 residual stream + a bf16 branch under
@@ -29,16 +30,22 @@ Floor (N rows of C; s = bytes per element of x, sw of w and b)
   fp32 (no out_dtype) it would be 176 and 227 MB.
 Total / floor: every forward program re-reads w and b (4 rows per program at C = 768: total/floor ~1.5
 counting every load, but they hit L1/L2 and DRAM sees them about once). mean and rstd are 8 bytes per row
-(0.5% of the floor at C = 768). The backward reads w once per program, and writes and re-reads the (2, P, C)
-fp32 partial buffer, P = 4 x SMs (528 on an H100): 2 x 2 x P x C x 4 bytes = 6.5 MB at C = 768, at most 9%
-over the floor if none of it stayed in L2 (most of it does). Unique bytes in `python -m bench.io_audit`.
-Not yet measured on a GPU: add_layer_norm (its +ds backward uses 148 registers on sm_90 vs 128, one
-program of 8 warps per SM instead of two: bench/ln_tune.py's configs are the lever if it is slow).
+(0.5% of the floor at C = 768). The backward reads w once per program, and writes and re-reads the (P, 2, C)
+fp32 partial buffer, P = 4 x SMs with the fixed launch (528 on an H100; 1 to 8 x SMs among the autotune
+configs): 2 x 2 x P x C x 4 bytes = 6.5 MB at C = 768 and P = 528, at most 9% over the floor if none of it
+stayed in L2 (most of it does). Unique bytes in `python -m bench.io_audit`.
+Launch configs: a fixed one (_tile, BWD_PROGRAMS_PER_SM, BWD_STAGES), measured on an H100 at 22 us forward
+and 74 us backward (3.0x its floor); on a GPU, inputs of >= AUTOTUNE_MIN_ELEMENTS are autotuned among FWD_TUNE /
+BWD_TUNE (pipelined tile loops, other tile shapes and programs per SM; the fixed config is one of them), the
+choice cached on disk. Prediction (not measured yet): the backward at 16384 x 768 bf16 from 74 to ~35 us.
+add_layer_norm is not measured on a GPU yet (its +ds backward uses 152 registers on sm_90 at the fixed config).
 
-Test: pytest tests/test_layernorm.py (interpreter on CPU, real kernel on a GPU).
-Benchmark: python bench/run.py (layer_norm); static report: compile_specs() via kernels/_triton_utils.py.
+Test: pytest tests/test_layernorm.py (interpreter on CPU, real kernel on a GPU; the autotuned path runs in the
+interpreter with a stand-in timer). Benchmark: python bench/run.py layer_norm add_layer_norm; sweep: bench/ln_tune.py;
+static report: compile_specs() via kernels/_triton_utils.py (every autotune config at GPT-2's shapes).
 """
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -68,6 +75,7 @@ def _layer_norm_fwd_kernel(
     N,
     C,
     eps,
+    ROWS_BUCKET,  # next power of two >= N: an autotune key only (kernel code ignores it)
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_C: tl.constexpr,  # next power of two >= C
     HAS_RESIDUAL: tl.constexpr,  # normalize s = x + residual (and store s) instead of x
@@ -107,19 +115,23 @@ def _layer_norm_bwd_kernel(
     rstd_ptr,  # (N,) fp32, from the forward
     dx_ptr,  # (N, C) output, contiguous, x's dtype
     ds_ptr,  # (N, C) gradient reaching x by another path, added to dx (HAS_DS), row stride stride_ds
-    part_ptr,  # (2, P, C) fp32: [0, p] program p's sum of dy * xhat over its rows, [1, p] its sum of dy
+    part_ptr,  # (P, 2, C) fp32, P >= programs: [p, 0] program p's sum of dy * xhat over its rows, [p, 1] of dy
     stride_dy,
     stride_x,
     stride_ds,
     N,
     C,
-    tiles_per_program,  # program p handles row tiles [p * tiles_per_program, (p + 1) * tiles_per_program)
+    ROWS_BUCKET,  # next power of two >= N: an autotune key only
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
     STAGES: tl.constexpr,  # software pipelining of the tile loop's loads (1: none; 2+: cp.async prefetch)
+    PER_SM: tl.constexpr,  # programs per SM in the launch grid (_bwd_programs): a launch parameter the kernel ignores
     HAS_DS: tl.constexpr,  # add ds to dx (the residual branch of add_layer_norm)
 ):
     pid = tl.program_id(0)
+    # program p handles row tiles [p * tiles_per_program, (p + 1) * tiles_per_program): with the grid of
+    # _bwd_programs, every program gets at least one tile
+    tiles_per_program = tl.cdiv(tl.cdiv(N, BLOCK_R), tl.num_programs(0))
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -145,8 +157,9 @@ def _layer_norm_bwd_kernel(
         tl.store(dx_ptr + rows64 * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
         db_acc += dy
-    tl.store(part_ptr + pid * C + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
-    tl.store(part_ptr + (tl.num_programs(0) + pid) * C + cols, tl.sum(db_acc, axis=0), mask=col_ok)
+    part = part_ptr + pid.to(tl.int64) * 2 * C + cols
+    tl.store(part, tl.sum(dw_acc, axis=0), mask=col_ok)
+    tl.store(part + C, tl.sum(db_acc, axis=0), mask=col_ok)
 
 
 @functools.lru_cache(maxsize=None)
@@ -161,17 +174,98 @@ def _tile(C, on_gpu=True):
     return block_r, block_c, num_warps
 
 
-# Backward launch: programs per SM and loop pipelining stages. Measured on an H100 (bench/NOTES.md):
-# 4 per SM, no pipelining, 74 us at 16384 x 768 bf16. `python bench/ln_tune.py` sweeps the alternatives.
+# The fixed launch: backward programs per SM and loop pipelining stages. Measured on an H100 (bench/NOTES.md):
+# 4 per SM, no pipelining, 74 us at 16384 x 768 bf16. Used in the interpreter, for small inputs on a GPU, and
+# with GPT2K_LN_AUTOTUNE=0; large inputs on a GPU are autotuned (below).
 BWD_PROGRAMS_PER_SM = 4
 BWD_STAGES = 1
 
 
 @functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _programs_target(device):
     if device.type == "cuda":
-        return BWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        return BWD_PROGRAMS_PER_SM * _sm_count(device)
     return 4  # the interpreter runs programs one after another: few programs, same code path
+
+
+def _bwd_programs(tiles, target):
+    """The backward's grid for `tiles` row tiles and about `target` programs: as many programs as
+    tiles_per_program = cdiv(tiles, target) needs, so that none is left without a tile (the kernel derives
+    the same partition from its grid size)."""
+    return cdiv(tiles, cdiv(tiles, target))
+
+
+# ---- autotuning on a GPU ----------------------------------------------------------------------------
+# The backward ran at 3x its floor with the fixed launch (bench/NOTES.md): its loop over row tiles is serial
+# and, at 128 registers x 8 warps, two programs per SM do not keep enough loads in flight. On a GPU, inputs
+# of at least AUTOTUNE_MIN_ELEMENTS are launched by triton.autotune among the configs below (smaller ones and
+# the interpreter take the fixed launch: tuning costs seconds per shape), keyed on C, the next power of two of
+# N, the residual flag and every pointer's dtype. The choice is cached on disk (Triton's cache_results), so
+# later processes on the same machine reuse it and compute bitwise the same gradients: the weight gradient's
+# summation order depends on the config (rows per tile, programs). GPT2K_LN_AUTOTUNE=0 turns it off.
+# Tables written for rows of BLOCK_C = 1024 (GPT-2's C = 768); _scaled() keeps each config's elements per tile
+# and per thread for other widths. Backward registers on sm_90 (static report, compile_specs() below) with
+# bf16 rows / fp32 rows and bf16 dy: R=4 w8 stages 1: 128 / 125, stages 2: 128 / 171, stages 3: 145 / 169;
+# R=2 w4 s2 124 / 163; R=2 w8 s2 91 / 113; R=4 w16 s2 91 / 109; R=1 w2 s2 128 / 155. Stages >= 2 turn the
+# tile loop's loads into 16-byte cp.async prefetches (one, resp. two tiles in flight per program while it
+# computes another). The first entry of each table is the fixed launch.
+AUTOTUNE = os.environ.get("GPT2K_LN_AUTOTUNE", "1") != "0"
+AUTOTUNE_MIN_ELEMENTS = 1 << 22  # N * C; GPT-2 at B*T = 16384: 12.6M
+FWD_TUNE = [(4, 8), (2, 4), (1, 4), (2, 8), (8, 16), (1, 2)]  # (rows per tile, warps)
+BWD_TUNE = [(4, 8, 1, 4), (4, 8, 2, 2), (4, 8, 3, 2), (2, 4, 2, 4), (2, 8, 2, 3), (4, 16, 2, 1),  # (rows, warps,
+            (1, 2, 2, 8)]  # stages, programs per SM)
+
+
+def _scaled(rows, warps, block_c):
+    """A (rows x 1024, warps) tile of the tables for rows of block_c: the same elements per tile and per
+    thread (more rows for narrower rows, up to 64; for wider ones fewer rows, then one row on more warps,
+    up to 16). For block_c = 1024 the config itself; _tile()'s for the first entry at any width."""
+    elements = rows * 1024
+    r = max(1, min(64, elements // block_c))
+    return r, max(1, min(16, warps * r * block_c // elements))
+
+
+@functools.lru_cache(maxsize=None)
+def _fwd_configs(block_c):
+    seen = {_scaled(r, w, block_c) for r, w in FWD_TUNE}
+    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r, w in sorted(seen)]
+
+
+@functools.lru_cache(maxsize=None)
+def _bwd_configs(block_c):
+    seen = {(*_scaled(r, w, block_c), stages, per_sm) for r, w, stages, per_sm in BWD_TUNE}
+    return [triton.Config({"BLOCK_R": r, "STAGES": st, "PER_SM": p}, num_warps=w) for r, w, st, p in sorted(seen)]
+
+
+def _tuned_bwd_programs(meta, N, sms):
+    """The grid of an autotuned backward launch: `meta` holds the config's BLOCK_R and PER_SM."""
+    return _bwd_programs(cdiv(N, meta["BLOCK_R"]), meta["PER_SM"] * sms)
+
+
+@functools.lru_cache(maxsize=64)
+def _tuned_part_rows(N, block_c, sms):
+    """Rows of the autotuned backward's partial-sum buffer: the largest grid among the configs."""
+    return max(_tuned_bwd_programs(c.kwargs, N, sms) for c in _bwd_configs(block_c))
+
+
+# The autotuners: configs rescaled to this call's BLOCK_C by the prune hook (which receives the call's kwargs).
+_layer_norm_fwd_tuned = triton.autotune(
+    configs=_fwd_configs(1024), key=["C", "ROWS_BUCKET", "HAS_RESIDUAL"], cache_results=True,
+    prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: _fwd_configs(kw["BLOCK_C"])},
+)(_layer_norm_fwd_kernel)
+_layer_norm_bwd_tuned = triton.autotune(
+    configs=_bwd_configs(1024), key=["C", "ROWS_BUCKET", "HAS_DS"], cache_results=True,
+    prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: _bwd_configs(kw["BLOCK_C"])},
+)(_layer_norm_bwd_kernel)
+
+
+def _autotuned(x, N, C):
+    """Whether this launch is autotuned: a CUDA tensor of at least AUTOTUNE_MIN_ELEMENTS, AUTOTUNE on."""
+    return AUTOTUNE and x.is_cuda and N * C >= AUTOTUNE_MIN_ELEMENTS
 
 
 # ---- checks ------------------------------------------------------------------------------------
@@ -239,11 +333,15 @@ def _forward(x, residual, weight, bias, eps, out_dtype):
     N = x2.shape[0]
     if N:
         block_r, block_c, num_warps = _tile(C, x.is_cuda)
+        args = (x2, r2, y if s is None else s, weight.contiguous(), bias.contiguous(), y, mean, rstd,
+                x2.stride(0), r2.stride(0), N, C, eps, next_power_of_2(N))
         with on_device(x):  # Triton launches on the current device: make it x's
-            _layer_norm_fwd_kernel[(cdiv(N, block_r),)](
-                x2, r2, y if s is None else s, weight.contiguous(), bias.contiguous(), y, mean, rstd,
-                x2.stride(0), r2.stride(0), N, C, eps,
-                BLOCK_R=block_r, BLOCK_C=block_c, HAS_RESIDUAL=residual is not None, num_warps=num_warps)
+            if _autotuned(x, N, C):
+                _layer_norm_fwd_tuned[lambda meta: (cdiv(N, meta["BLOCK_R"]),)](
+                    *args, BLOCK_C=block_c, HAS_RESIDUAL=residual is not None)
+            else:
+                _layer_norm_fwd_kernel[(cdiv(N, block_r),)](
+                    *args, BLOCK_R=block_r, BLOCK_C=block_c, HAS_RESIDUAL=residual is not None, num_warps=num_warps)
     return s, y, mean, rstd
 
 
@@ -295,16 +393,23 @@ def _backward_launch(dy, x, weight, mean, rstd, ds=None):
     if N == 0:
         return dx, torch.zeros((2, C), dtype=torch.float32, device=x.device)
     block_r, block_c, num_warps = _tile(C, x.is_cuda)
-    tiles = cdiv(N, block_r)
-    tiles_per_program = cdiv(tiles, _programs_target(x.device))
-    programs = cdiv(tiles, tiles_per_program)
-    part = torch.empty((2, programs, C), dtype=torch.float32, device=x.device)  # each program writes its rows
-    with on_device(x):
-        _layer_norm_bwd_kernel[(programs,)](
-            dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, ds2, part,
-            dy2.stride(0), x2.stride(0), ds2.stride(0), N, C, tiles_per_program,
-            BLOCK_R=block_r, BLOCK_C=block_c, STAGES=BWD_STAGES, HAS_DS=ds is not None, num_warps=num_warps)
-    return dx, part.sum(1)
+    args = (dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, ds2)
+    strides = (dy2.stride(0), x2.stride(0), ds2.stride(0), N, C, next_power_of_2(N))
+    if _autotuned(x, N, C):  # every config writes its programs' rows of one buffer sized for the largest grid
+        sms = _sm_count(x.device)
+        part = torch.empty((_tuned_part_rows(N, block_c, sms), 2, C), dtype=torch.float32, device=x.device)
+        with on_device(x):
+            _layer_norm_bwd_tuned[lambda meta: (_tuned_bwd_programs(meta, N, sms),)](
+                *args, part, *strides, BLOCK_C=block_c, HAS_DS=ds is not None)
+        programs = _tuned_bwd_programs(_layer_norm_bwd_tuned.best_config.kwargs, N, sms)  # the launch that wrote dx
+    else:
+        programs = _bwd_programs(cdiv(N, block_r), _programs_target(x.device))
+        part = torch.empty((programs, 2, C), dtype=torch.float32, device=x.device)  # each program writes its rows
+        with on_device(x):
+            _layer_norm_bwd_kernel[(programs,)](
+                *args, part, *strides, BLOCK_R=block_r, BLOCK_C=block_c, STAGES=BWD_STAGES,
+                PER_SM=BWD_PROGRAMS_PER_SM, HAS_DS=ds is not None, num_warps=num_warps)
+    return dx, part[:programs].sum(0)
 
 
 @torch.library.custom_op("gpt2k::layer_norm_bwd", mutates_args=())
@@ -402,35 +507,54 @@ def compile_specs():
     divisible by 16; bf16 rows with bf16 or fp32 (autocast) weights, and fp32 rows with fp32 weights: under
     bf16 autocast the residual stream, which is what the model's LayerNorms read, stays fp32, and the model
     has y written in bf16 (out_dtype; dy comes back in bf16). Plus add_layer_norm as the model runs it under
-    autocast: fp32 stream + bf16 branch output, fp32 s, bf16 y."""
+    autocast: fp32 stream + bf16 branch output, fp32 s, bf16 y. Each case with the fixed launch; the three
+    that a GPT-2 step on a GPU autotunes (the bench's bf16 rows with fp32 weights, the model's fp32 rows with
+    bf16 y, and its add_layer_norm) with every autotune config too."""
     block_r, block_c, num_warps = _tile(768, on_gpu=True)
+    fixed = {"BLOCK_R": block_r, "num_warps": num_warps}
     specs = []
-    # (label, x/s dtype, residual dtype or None, weight dtype, y/dy dtype)
-    cases = [("", "bf16", None, "bf16", "bf16"), ("", "bf16", None, "fp32", "bf16"), ("", "fp32", None, "fp32", "fp32"),
-             ("", "fp32", None, "fp32", "bf16"), ("add_", "fp32", "bf16", "fp32", "bf16")]
-    for label, xt, rt, wt, yt in cases:
+    # (label, x/s dtype, residual dtype or None, weight dtype, y/dy dtype, autotuned at GPT-2 shapes)
+    cases = [("", "bf16", None, "bf16", "bf16", False), ("", "bf16", None, "fp32", "bf16", True),
+             ("", "fp32", None, "fp32", "fp32", False), ("", "fp32", None, "fp32", "bf16", True),
+             ("add_", "fp32", "bf16", "fp32", "bf16", True)]
+    for label, xt, rt, wt, yt, tuned in cases:
         add = rt is not None
         y_label = f" y={yt}" if yt != xt else ""
-        specs.append(AotSpec(
-            name=f"{label}layer_norm_fwd x={xt}{f' r={rt}' if add else ''}{y_label} w={wt} C=768",
-            fn=_layer_norm_fwd_kernel,
-            signature={"x_ptr": f"*{xt}", "r_ptr": f"*{rt or xt}", "s_ptr": f"*{xt}", "w_ptr": f"*{wt}",
-                       "b_ptr": f"*{wt}", "y_ptr": f"*{yt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                       "stride_x": "i32", "stride_r": "i32", "N": "i32", "C": "i32", "eps": "fp32",
-                       "BLOCK_R": "constexpr", "BLOCK_C": "constexpr", "HAS_RESIDUAL": "constexpr"},
-            constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, "HAS_RESIDUAL": add}, num_warps=num_warps,
-            aligned=("x_ptr", "r_ptr", "s_ptr", "w_ptr", "b_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "stride_x",
-                     "stride_r", "N", "C")))
-        specs.append(AotSpec(
-            name=f"{label}layer_norm_bwd x={xt}{y_label.replace('y=', 'dy=')} w={wt}{' +ds' if add else ''} C=768",
-            fn=_layer_norm_bwd_kernel,
-            signature={"dy_ptr": f"*{yt}", "x_ptr": f"*{xt}", "w_ptr": f"*{wt}", "mean_ptr": "*fp32",
-                       "rstd_ptr": "*fp32", "dx_ptr": f"*{xt}", "ds_ptr": f"*{xt}", "part_ptr": "*fp32",
-                       "stride_dy": "i32", "stride_x": "i32", "stride_ds": "i32",
-                       "N": "i32", "C": "i32", "tiles_per_program": "i32", "BLOCK_R": "constexpr",
-                       "BLOCK_C": "constexpr", "STAGES": "constexpr", "HAS_DS": "constexpr"},
-            constexprs={"BLOCK_R": block_r, "BLOCK_C": block_c, "STAGES": BWD_STAGES, "HAS_DS": add},
-            num_warps=num_warps,
-            aligned=("dy_ptr", "x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "dx_ptr", "ds_ptr", "part_ptr",
-                     "stride_dy", "stride_x", "stride_ds", "N", "C")))
+        fwd = [fixed] + ([{**c.kwargs, "num_warps": c.num_warps} for c in _fwd_configs(block_c)] if tuned else [])
+        bwd = [{**fixed, "STAGES": BWD_STAGES, "PER_SM": BWD_PROGRAMS_PER_SM}]
+        bwd += [{**c.kwargs, "num_warps": c.num_warps} for c in _bwd_configs(block_c)] if tuned else []
+        for i, cfg in enumerate(fwd):
+            if i and cfg == {**fixed}:
+                continue  # the fixed launch is also an autotune config: compiled once
+            warps = cfg["num_warps"]
+            specs.append(AotSpec(
+                name=(f"{label}layer_norm_fwd x={xt}{f' r={rt}' if add else ''}{y_label} w={wt} C=768"
+                      + (f" R={cfg['BLOCK_R']} w{warps} (autotune)" if i else "")),
+                fn=_layer_norm_fwd_kernel,
+                signature={"x_ptr": f"*{xt}", "r_ptr": f"*{rt or xt}", "s_ptr": f"*{xt}", "w_ptr": f"*{wt}",
+                           "b_ptr": f"*{wt}", "y_ptr": f"*{yt}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                           "stride_x": "i32", "stride_r": "i32", "N": "i32", "C": "i32", "eps": "fp32",
+                           "ROWS_BUCKET": "i32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr",
+                           "HAS_RESIDUAL": "constexpr"},
+                constexprs={"BLOCK_R": cfg["BLOCK_R"], "BLOCK_C": block_c, "HAS_RESIDUAL": add}, num_warps=warps,
+                aligned=("x_ptr", "r_ptr", "s_ptr", "w_ptr", "b_ptr", "y_ptr", "mean_ptr", "rstd_ptr", "stride_x",
+                         "stride_r", "N", "C", "ROWS_BUCKET")))
+        for i, cfg in enumerate(bwd):
+            if i and cfg == bwd[0]:
+                continue
+            warps = cfg["num_warps"]
+            specs.append(AotSpec(
+                name=(f"{label}layer_norm_bwd x={xt}{y_label.replace('y=', 'dy=')} w={wt}{' +ds' if add else ''} C=768"
+                      + (f" R={cfg['BLOCK_R']} w{warps} stages={cfg['STAGES']} {cfg['PER_SM']}/SM (autotune)" if i else "")),
+                fn=_layer_norm_bwd_kernel,
+                signature={"dy_ptr": f"*{yt}", "x_ptr": f"*{xt}", "w_ptr": f"*{wt}", "mean_ptr": "*fp32",
+                           "rstd_ptr": "*fp32", "dx_ptr": f"*{xt}", "ds_ptr": f"*{xt}", "part_ptr": "*fp32",
+                           "stride_dy": "i32", "stride_x": "i32", "stride_ds": "i32", "N": "i32", "C": "i32",
+                           "ROWS_BUCKET": "i32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr",
+                           "STAGES": "constexpr", "PER_SM": "constexpr", "HAS_DS": "constexpr"},
+                constexprs={"BLOCK_R": cfg["BLOCK_R"], "BLOCK_C": block_c, "STAGES": cfg["STAGES"],
+                            "PER_SM": cfg["PER_SM"], "HAS_DS": add},
+                num_warps=warps,
+                aligned=("dy_ptr", "x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "dx_ptr", "ds_ptr", "part_ptr",
+                         "stride_dy", "stride_x", "stride_ds", "N", "C", "ROWS_BUCKET")))
     return specs

@@ -150,8 +150,119 @@ def test_rows_fill_neither_the_last_tile_nor_the_last_program(device):
     target = ln._programs_target(torch.device(device))
     N = (target + 1) * block_r - 3
     tiles = -(-N // block_r)
-    assert tiles % -(-tiles // target) != 0 and N % block_r != 0  # the case this test is about
+    programs = ln._bwd_programs(tiles, target)
+    tiles_per_program = -(-tiles // programs)  # as the kernel derives it from its grid
+    assert tiles % tiles_per_program != 0 and N % block_r != 0  # the case this test is about
+    assert (programs - 1) * tiles_per_program < tiles <= programs * tiles_per_program  # no program without a tile
     check(*_inputs((N, C), torch.float32, device=device))
+
+
+@pytest.mark.parametrize("tiles,target", [(1, 4), (5, 4), (9, 4), (10, 4), (4096, 528), (4097, 528), (100, 40),
+                                          (7, 1), (3, 8)])
+def test_backward_grid_leaves_no_program_without_a_tile(tiles, target):
+    """_bwd_programs: at most `target` programs, and the kernel's partition (cdiv(tiles, programs) tiles
+    each) covers every tile with none left empty (an empty program would still write a zero partial row)."""
+    programs = ln._bwd_programs(tiles, target)
+    per = -(-tiles // programs)
+    assert 1 <= programs <= min(tiles, target)
+    assert (programs - 1) * per < tiles <= programs * per
+
+
+# ---- autotuning (GPU, large inputs): the configs, and the launch path run here with a stand-in timer -------
+
+@pytest.mark.parametrize("block_c", [1 << k for k in range(15)])
+def test_autotune_configs_rescale_the_tables(block_c):
+    """Each width gets the tables' configs with the same elements per tile and per thread as at 1024 where
+    the limits (1..64 rows, 1..16 warps) allow; the first entry is the fixed launch (_tile) at every width, so
+    autotuning can only pick something measured faster than it."""
+    C = block_c  # any C with this next power of two
+    r, bc, w = ln._tile(C)
+    assert bc == block_c
+    fwd = [(c.kwargs["BLOCK_R"], c.num_warps) for c in ln._fwd_configs(block_c)]
+    bwd = [(c.kwargs["BLOCK_R"], c.num_warps, c.kwargs["STAGES"], c.kwargs["PER_SM"]) for c in ln._bwd_configs(block_c)]
+    assert ln._scaled(*ln.FWD_TUNE[0], block_c) == (r, w) and (r, w) in fwd
+    assert (r, w, ln.BWD_STAGES, ln.BWD_PROGRAMS_PER_SM) in bwd
+    assert len(set(fwd)) == len(fwd) and len(set(bwd)) == len(bwd)
+    assert 1 <= len(fwd) <= len(ln.FWD_TUNE) and 1 < len(bwd) <= len(ln.BWD_TUNE)
+    assert len(fwd) > 1 or block_c <= 4 or block_c >= 8192  # only the limits merge the forward's configs
+    for rows, warps in ln.FWD_TUNE + [t[:2] for t in ln.BWD_TUNE]:
+        r2, w2 = ln._scaled(rows, warps, block_c)
+        assert 1 <= r2 <= 64 and 1 <= w2 <= 16
+        if 1024 * rows // 64 <= block_c <= 1024 * rows and rows * 1024 // block_c * block_c == rows * 1024:
+            assert r2 * block_c == rows * 1024  # the same elements per tile ...
+            if w2 == warps * r2 * block_c // (rows * 1024):
+                assert r2 * block_c // w2 == rows * 1024 // warps  # ... and per warp
+    if block_c == 1024:  # the tables are written for GPT-2's width: taken as they are
+        assert sorted(fwd) == sorted(ln.FWD_TUNE) and sorted(bwd) == sorted(ln.BWD_TUNE)
+
+
+@pytest.mark.parametrize("C", [40, 768])
+def test_every_autotune_config_is_correct(C, device):
+    """Whatever the autotuner picks on a GPU must be right: every forward and backward config of the tables,
+    rescaled to C, against float64 (bench/ln_tune.py's sweep with a stand-in timer), on rows that fill
+    neither the last tile nor the last program."""
+    from bench import ln_tune
+
+    block_c = 1 << (C - 1).bit_length()
+    fwd = [(c.kwargs["BLOCK_R"], c.num_warps) for c in ln._fwd_configs(block_c)]
+    bwd = [(c.kwargs["BLOCK_R"], c.num_warps, c.kwargs["STAGES"], c.kwargs["PER_SM"]) for c in ln._bwd_configs(block_c)]
+
+    def timer(fns):
+        fns[0]()
+        return 1.0
+
+    rows = ln_tune.sweep(37, C, fwd, bwd, 1.0, lambda r: None, device=device, timer=timer)
+    rows += ln_tune.sweep(37, C, fwd, bwd, 1.0, lambda r: None, device=device, timer=timer, add=True)
+    assert len(rows) == 2 * (len(fwd) + len(bwd))
+    for r in rows:
+        assert "error" not in r and r["bad"] == [], r
+        assert all(math.isfinite(e) for e in r["max_err"].values()), r
+
+
+@pytest.mark.skipif(not INTERPRET, reason="drives triton.autotune with a stand-in timer in the interpreter")
+@pytest.mark.parametrize("add", [False, True])
+def test_autotuned_launch_path(add, monkeypatch):
+    """The GPU's autotuned launches, run in the interpreter: the real triton.autotune objects, their prune hook
+    (tables rescaled to BLOCK_C), a stand-in benchmark that runs each config once (as the real one does,
+    each writing its own rows of the shared partial-sum buffer) and ranks the last one fastest: a config with
+    fewer programs than the buffer has rows, so summing rows the chosen launch did not write would be wrong.
+    Forward and backward must match the fixed launch's results, and a second call reuses the choice."""
+    C, N = 40, 203
+    sms = 2
+    block_c = 64
+    monkeypatch.setattr(ln, "_autotuned", lambda x, n, c: True)
+    monkeypatch.setattr(ln, "_sm_count", lambda device: sms)
+    benched = []
+    for tuner in (ln._layer_norm_fwd_tuned, ln._layer_norm_bwd_tuned):
+        monkeypatch.setattr(tuner, "cache", {})
+
+        def bench(fn, quantiles=None, benched=benched):
+            fn()
+            benched.append(1)
+            return [1000.0 - len(benched)] * 3  # later configs "faster": the last benchmarked one wins
+        monkeypatch.setitem(tuner.__dict__, "do_bench", bench)
+    bwd_configs = ln._bwd_configs(block_c)
+    last = max(bwd_configs, key=lambda c: (c.kwargs["BLOCK_R"], c.num_warps, c.kwargs["STAGES"], c.kwargs["PER_SM"]))
+    chosen = ln._tuned_bwd_programs(last.kwargs, N, sms)
+    assert chosen < max(ln._tuned_bwd_programs(c.kwargs, N, sms) for c in bwd_configs)  # the case this test is about
+
+    x, w, b = _inputs((N, C), torch.float32)
+    r = torch.randn(N, C).to(torch.bfloat16)
+
+    def run():  # check() against float64, with the same upstream gradients each time
+        torch.manual_seed(1)
+        return check_add(x, r, w, b) if add else check(x, w, b)
+    tuned = run()
+    assert len(benched) == len(ln._fwd_configs(block_c)) + len(bwd_configs)
+    assert ln._layer_norm_bwd_tuned.best_config.kwargs == last.kwargs
+    n = len(benched)
+    again = run()
+    assert len(benched) == n  # the cached choice: no second tuning
+    monkeypatch.setattr(ln, "_autotuned", lambda x, n, c: False)
+    fixed = run()
+    for a, t, f in zip(tuned, again, fixed):
+        assert torch.equal(a, t)  # the same config twice: bitwise the same
+        torch.testing.assert_close(a, f, rtol=1e-5, atol=1e-5)
 
 
 def test_none_weight_and_bias(device):
@@ -282,6 +393,34 @@ def test_weight_and_bias_dtypes_differ(wdtype, bdtype, device):
     check(x, w, b)
     check_add(x, torch.randn(3, 40, device=device), w, b)
 
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="autotuning runs on a GPU only")
+@pytest.mark.parametrize("case", ["bf16 rows, fp32 weights", "fp32 rows, bf16 y", "add_layer_norm"])
+def test_autotuned_gpt2_shapes_on_gpu(case):
+    """At GPT-2's 16384 x 768 (autotuned on a GPU): parity with float64 as everywhere, the choice was made
+    (best_config set), and a second run gives bitwise the same outputs and gradients."""
+    assert ln.AUTOTUNE and 16384 * 768 >= ln.AUTOTUNE_MIN_ELEMENTS
+    x, w, b = _inputs((16384, 768), torch.bfloat16 if case.startswith("bf16") else torch.float32,
+                      torch.float32, device="cuda")
+    dy = torch.randn(16384, 768, device="cuda").to(torch.bfloat16 if case != "bf16 rows, fp32 weights" else x.dtype)
+
+    def run():
+        torch.manual_seed(3)
+        if case == "add_layer_norm":
+            return check_add(x, torch.randn(16384, 768, device="cuda").to(torch.bfloat16), w, b)
+        if case == "fp32 rows, bf16 y":
+            return _grads(lambda *a: ln.layer_norm(*a, out_dtype=torch.bfloat16), x, w, b, dy)
+        return check(x, w, b, dy)
+    first, second = run(), run()
+    assert ln._layer_norm_bwd_tuned.best_config is not None
+    for a, c in zip(first, second):
+        assert torch.isfinite(a).all() and torch.equal(a, c)
+    if case == "fp32 rows, bf16 y":  # y in bf16: against the reference op with the same out_dtype
+        base = _grads(lambda *a: ref.layer_norm(*a, out_dtype=torch.bfloat16), x, w, b, dy)
+        truth = _grads(_ln64, x.double(), w.double(), b.double(), dy.double())
+        for name, o, bl, t in zip(("y", "dx", "dweight", "dbias"), first, base, truth):
+            assert_close(o, t, bl, atol=1e-6 * max(1.0, t.abs().max().item()), name=name)
 
 def test_backward_op_reads_strided_statistics_and_ds(device):
     """layer_norm_bwd accepts any mean / rstd / ds of the right shape and dtype, not only contiguous ones

@@ -340,3 +340,36 @@ def test_no_gpu_build_defaults_to_sm80_sm90_and_restores_the_env(monkeypatch):
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.6")  # the user's choice wins
     C._build_and_load()
     assert seen["arch"] == "8.6" and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.6"
+
+
+def test_cp_async_copies_count_as_global_loads(monkeypatch):
+    """A pipelined loop (`tl.range(num_stages=2)`) loads through cp.async global -> shared copies: a 16-byte
+    copy is a 128-bit global load, a 4-byte one a load that is not; both count in ld_total. A kernel whose
+    only 128-bit loads are such copies passes the rule (seen: layer_norm_bwd R=4 w16 stages=2)."""
+    ptx = PTX_HEAD + ("@%p1 cp.async.ca.shared.global [ %r1 + 0 ], [ %rd1 + 0 ], 0x4, %r2;\n"
+                      "cp.async.cg.shared.global [ %r3 + 0 ], [ %rd2 + 0 ], 0x10, %r4;\n"
+                      "cp.async.cg.shared.global [%r5], [%rd3], 16;\n"
+                      "cp.async.commit_group;\ncp.async.wait_group 0;\n"
+                      "ld.global.v2.b32 {%r6, %r7}, [%rd4];\n}\n")
+    _fake_compile(monkeypatch, ptx, PTXAS_LOG.format(stack=0, st=0, ld=0, regs=32))
+    row = U.aot_compile(SPEC, 90)
+    assert row["ld128"] == 2 and row["ld_total"] == 4 and U.check_report(row) == []
+    only_narrow = ptx.replace("0x10", "0x8").replace("], 16;", "], 8;")
+    _fake_compile(monkeypatch, only_narrow, PTXAS_LOG.format(stack=0, st=0, ld=0, regs=32))
+    row = U.aot_compile(SPEC, 90)
+    assert row["ld128"] == 0 and row["ld_total"] == 4 and U.check_report(row) == ["no 128-bit global loads"]
+
+
+@pytest.mark.parametrize("argv,code,where,words", [
+    (["--help"], 0, "out", "usage: python -m kernels._triton_utils"),
+    ([], 2, "err", "usage"),
+    (["9x", "kernels.gelu"], 2, "err", "ARCHS must be comma-separated integers"),
+    (["90:foo", "kernels.gelu"], 2, "err", "unknown mode 'foo'"),
+])
+def test_command_line_usage_errors(argv, code, where, words, capsys):
+    """`python -m kernels._triton_utils` explains itself instead of a traceback (it took --help for an arch),
+    on stderr, so that stdout stays the JSON rows a caller parses."""
+    assert U._main(argv) == code
+    out, err = capsys.readouterr()
+    assert words in (out if where == "out" else err)
+    assert (err if where == "out" else out) == ""

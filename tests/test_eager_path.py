@@ -234,12 +234,13 @@ def test_tensors_on_a_gpu_that_is_not_current(make, fast, monkeypatch):
 
 @_MINE
 @pytest.mark.parametrize("fast", [True, False], ids=["fast_path", "custom_op"])
-def test_meta_tensors_forward_and_backward(make, fast, monkeypatch):
+def test_meta_tensors_forward_and_backward(make, fast, device, monkeypatch):
     """Shape inference on meta tensors (`with torch.device("meta"): model(idx)`): the fast path used to run
     the real kernel (attention: a crash; layer_norm, gelu: 'tensors on meta are not supported'), and gelu's
-    fake implementation rejected meta. Now meta takes the op, whose fake implementation runs."""
+    fake implementation rejected meta. Now meta takes the op, whose fake implementation runs. The reference
+    runs on `device`: on a GPU machine (no TRITON_INTERPRET) the Triton kernels refuse CPU tensors."""
     monkeypatch.setattr(_eager, "ENABLED", fast)
-    fn, inputs, _ = make("cpu")
+    fn, inputs, _ = make(device)
     metas = [t.to("meta").requires_grad_() for t in inputs]
     out = fn(*metas)
     ref = fn(*[t.clone() for t in inputs])

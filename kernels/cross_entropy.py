@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, impl, next_power_of_2
+from kernels._eager import auxiliary_outputs, cdiv, eager_function, fast_path, impl, next_power_of_2, on_device
 from kernels.linear_cross_entropy import check_loss, chunked_linear_cross_entropy
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -153,11 +153,12 @@ def _launch(logits, targets, ignore_index, vocab_size, out, scale=None):
     targets = targets.contiguous()  # the kernel reads targets[row] with unit stride
     block, num_warps = _config(n_cols)
     grad = out if out is not None else logits  # unused pointer when WRITE_GRAD is False
-    _ce_kernel[(n,)](
-        logits, grad, targets, losses, losses if scale is None else scale,  # scale unused without HAS_SCALE
-        logits.stride(0), grad.stride(0), vocab_size, n_cols, ignore_index,
-        BLOCK=block, WRITE_GRAD=out is not None, HAS_SCALE=scale is not None, num_warps=num_warps,
-    )
+    with on_device(logits):  # Triton launches on the current device: make it the logits'
+        _ce_kernel[(n,)](
+            logits, grad, targets, losses, losses if scale is None else scale,  # scale unused without HAS_SCALE
+            logits.stride(0), grad.stride(0), vocab_size, n_cols, ignore_index,
+            BLOCK=block, WRITE_GRAD=out is not None, HAS_SCALE=scale is not None, num_warps=num_warps,
+        )
     return losses
 
 
@@ -205,7 +206,8 @@ def _scale_(dlogits: torch.Tensor, grad_output: torch.Tensor) -> None:
     """dlogits *= grad_output (a 0-d fp32 tensor), in place; reads nothing when grad_output == 1."""
     n = dlogits.numel()
     if n:
-        _scale_kernel[(cdiv(n, _SCALE_BLOCK),)](dlogits, grad_output, n, BLOCK=_SCALE_BLOCK, num_warps=4)
+        with on_device(dlogits):
+            _scale_kernel[(cdiv(n, _SCALE_BLOCK),)](dlogits, grad_output, n, BLOCK=_SCALE_BLOCK, num_warps=4)
 
 
 @_scale_.register_fake

@@ -167,11 +167,11 @@ def test_on_device_switches_only_when_needed(monkeypatch):
 
 @pytest.mark.skipif(HAS_CUDA, reason="records the interpreter's launches (CPU)")
 def test_every_launch_runs_under_the_device_guard(monkeypatch):
-    """Each kernel launch of layer_norm, add_layer_norm, gelu, attention (fwd + bwd) and AdamW (step and
-    grad check) happens inside on_device(t) for one of its own tensors."""
+    """Each kernel launch of layer_norm, add_layer_norm, gelu, attention, the Triton cross-entropy (fwd + bwd)
+    and AdamW (step and grad check) happens inside on_device(t) for one of its own tensors."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    from kernels import adamw, attention, gelu, layernorm
+    from kernels import adamw, attention, cross_entropy, gelu, layernorm
 
     depth, guarded, launches = [0], [], []
 
@@ -185,12 +185,12 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
         finally:
             depth[0] -= 1
 
-    for mod in (layernorm, gelu, attention, adamw):
+    for mod in (layernorm, gelu, attention, adamw, cross_entropy):
         monkeypatch.setattr(mod, "on_device", recording)
     run = InterpretedFunction.run
     monkeypatch.setattr(InterpretedFunction, "run",
                         lambda self, *a, **k: (launches.append((self.__name__, depth[0])), run(self, *a, **k))[1])
-    for make in (_layer_norm, _add_layer_norm, _gelu, _attention):
+    for make in (_layer_norm, _add_layer_norm, _gelu, _attention, _cross_entropy):
         for fast in (True, False):
             monkeypatch.setattr(_eager, "ENABLED", fast)
             fn, inputs, _ = make("cpu")
@@ -201,7 +201,7 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
     names = {name for name, _ in launches}
     assert {"_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel", "_gelu_fwd_kernel", "_gelu_bwd_kernel",
             "_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel",
-            "_adamw_kernel", "_nonfinite_kernel"} <= names, names
+            "_adamw_kernel", "_nonfinite_kernel", "_ce_kernel", "_scale_kernel"} <= names, names
     unguarded = [name for name, d in launches if d == 0]
     assert not unguarded, unguarded
     assert guarded and all(d == torch.device("cpu") for d in guarded)

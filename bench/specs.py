@@ -70,12 +70,12 @@ BENCHES = [
     Bench("layer_norm", {"N": 4 * N, "C": C}, "bfloat16", baselines=("eager", "compile")),  # B=64 (issue 3's 2nd shape)
     # Under bf16 autocast the residual stream (the LayerNorm input) stays fp32.
     Bench("layer_norm", {"N": N, "C": C}, "float32", baselines=("eager", "compile")),
-    # The model's 12 ln_1 under bf16 autocast: the fp32 residual stream in, y in bf16 (out_dtype) for the next
-    # matmul, so dy comes back in bf16; dx stays fp32.
+    # The model's one LayerNorm with no residual add before it (block 0's ln_1) under bf16 autocast: the
+    # fp32 residual stream in, y in bf16 (out_dtype) for the next matmul, so dy comes back in bf16; dx fp32.
     Bench("layer_norm", {"N": N, "C": C}, "float32", out_dtype="bfloat16", baselines=("eager", "compile")),
-    # The model's ln_2 under bf16 autocast: fp32 residual stream x + the bf16 attention output (the dtype
-    # here), s in fp32, y in bf16 (out_dtype); eager = the add and the LayerNorm as two PyTorch ops, compile
-    # fuses them.
+    # The model's other 24 LayerNorms under bf16 autocast (ln_2: x + attn; ln_1 from block 1 on and ln_f:
+    # x + mlp): fp32 residual stream x + a bf16 branch output (the dtype here), s in fp32, y in bf16
+    # (out_dtype); eager = the add and the LayerNorm as two PyTorch ops, compile fuses them.
     Bench("add_layer_norm", {"N": N, "C": C}, "bfloat16", baselines=("eager", "compile", "triton_unfused"), quick=True),
     Bench("gelu", {"N": N, "C": 4 * C}, "bfloat16", baselines=("eager", "compile"), quick=True),
     Bench("attention", {"B": 16, "H": 12, "T": 1024, "D": 64}, baselines=ATTN, bound="compute", quick=True),

@@ -4,9 +4,11 @@
     logits, loss = model(idx, targets)
 
 Every LayerNorm, GELU, attention and the loss call `self.ops.<op>` (see kernels/__init__.py), so
-one argument switches the whole model between the pure-PyTorch reference and our kernels. Each block's
-second LayerNorm also does the residual add before it (`ops.add_layer_norm`: x + attn, then ln_2 of
-it; one kernel with layer_norm=triton, the same two PyTorch ops as before with torch).
+one argument switches the whole model between the pure-PyTorch reference and our kernels. Every
+residual add is done by the LayerNorm that reads its sum (`ops.add_layer_norm`: s = x + branch, then the
+LayerNorm of s; one kernel each way with layer_norm=triton, the same two PyTorch ops with torch): x + attn
+by ln_2, and x + mlp by the next block's ln_1 (or ln_f after the last block). So a block takes and returns
+(x, r): the residual stream and its last branch output not yet added (None before the first block).
 
 Vocab padding: the token embedding / lm_head have `padded_vocab_size` rows (50257 -> 50304, a
 multiple of 128, so the classifier matmul tiles evenly). The padded columns never win: forward
@@ -103,9 +105,16 @@ class LayerNorm(nn.Module):
         out_dtype = None if keep_dtype else matmul_dtype(x)
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype)
 
-    def add_forward(self, x, residual):
+    def add_forward(self, x, residual, keep_dtype=False):
         """(x + residual, this LayerNorm of it): the residual add fused into the LayerNorm's kernel."""
-        return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype=matmul_dtype(x))
+        out_dtype = None if keep_dtype else matmul_dtype(x)
+        return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype=out_dtype)
+
+    def pending_forward(self, x, residual, keep_dtype=False):
+        """(x + residual, its LayerNorm), or (x, ln(x)) when there is no residual (None) to add."""
+        if residual is None:
+            return x, self(x, keep_dtype)
+        return self.add_forward(x, residual, keep_dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -118,14 +127,11 @@ class CausalSelfAttention(nn.Module):
         self.ops = ops
 
     def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        y = self.ops.attention(q, k, v)  # (B, nh, T, hs), causal
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.c_proj(y)
+        # q, k, v side by side in one (B, T, 3C) projection, each split into n_head heads of C / n_head;
+        # causal attention per head, the heads side by side again: (B, T, C). One op (ops.attention_qkv):
+        # the torch backend does the usual split / view / transpose around ops.attention; our kernels read
+        # the heads in place and write the gradient of qkv as one tensor
+        return self.c_proj(self.ops.attention_qkv(self.c_attn(x), self.n_head))
 
     def forward_cached(self, x, cache, layer):
         """x (B, T, C) holds positions [cache.pos, cache.pos + T); their k, v are written to the cache."""
@@ -164,13 +170,18 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_eps, ops)
         self.mlp = MLP(config, ops)
 
-    def forward(self, x):
-        x, h = self.ln_2.add_forward(x, self.attn(self.ln_1(x)))  # x = x + attn(ln_1(x)); h = ln_2(x)
-        return x + self.mlp(h)
+    def forward(self, x, r=None):
+        """(x, r) -> (x, r): r is the previous block's MLP output, not yet added to the stream x (None before
+        the first block). Returns the stream after the attention half and this block's MLP output: the add
+        x + mlp(...) is done by the next LayerNorm (ln_1 of the next block, or ln_f), in its kernel."""
+        x, h = self.ln_1.pending_forward(x, r)  # x = x + r; h = ln_1(x)
+        x, h = self.ln_2.add_forward(x, self.attn(h))  # x = x + attn(h); h = ln_2(x)
+        return x, self.mlp(h)
 
-    def forward_cached(self, x, cache, layer):
-        x, h = self.ln_2.add_forward(x, self.attn.forward_cached(self.ln_1(x), cache, layer))
-        return x + self.mlp(h)
+    def forward_cached(self, x, r, cache, layer):
+        x, h = self.ln_1.pending_forward(x, r)
+        x, h = self.ln_2.add_forward(x, self.attn.forward_cached(h, cache, layer))
+        return x, self.mlp(h)
 
 
 class KVCache:
@@ -275,12 +286,13 @@ class GPT(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        r = None  # the last block's MLP output, added to x by the next LayerNorm
         for block in self.transformer.h:
-            x = block(x)
+            x, r = block(x, r)
         fused_loss = targets is not None and self.ops.fused_classifier
         # linear_cross_entropy scales its hidden gradient after its matmul: in x's dtype (fp32) that adds no
         # rounding, in bf16 it would; so ln_f's output stays fp32 for it (it casts the chunks it multiplies)
-        x = self.transformer.ln_f(x, keep_dtype=fused_loss)
+        x = self.transformer.ln_f.pending_forward(x, r, keep_dtype=fused_loss)[1]
         V = self.config.vocab_size
         if fused_loss:
             loss = self.ops.linear_cross_entropy(
@@ -303,10 +315,11 @@ class GPT(nn.Module):
             raise ValueError(f"KV cache full: position {cache.pos + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(cache.pos, cache.pos + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        r = None
         for layer, block in enumerate(self.transformer.h):
-            x = block.forward_cached(x, cache, layer)
+            x, r = block.forward_cached(x, r, cache, layer)
         cache.pos += T
-        x = self.transformer.ln_f(x[:, -1:, :])
+        x = self.transformer.ln_f.pending_forward(x[:, -1:, :], None if r is None else r[:, -1:, :])[1]
         return self.lm_head(x)[:, -1, : self.config.vocab_size]  # padded ids are never candidates
 
     @torch.no_grad()

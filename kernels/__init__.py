@@ -51,8 +51,9 @@ _REGISTRY = {
 
 
 # Functions that come with an op from the same backend module (not ops of their own in a spec):
-# layer_norm=triton also gives the model kernels.layernorm.add_layer_norm (residual add + LayerNorm).
-COMPANIONS = {"layer_norm": ("add_layer_norm",)}
+# layer_norm=triton also gives the model kernels.layernorm.add_layer_norm (residual add + LayerNorm), and
+# attention=triton kernels.attention.attention_qkv (attention straight from the (B, T, 3C) projection).
+COMPANIONS = {"layer_norm": ("add_layer_norm",), "attention": ("attention_qkv",)}
 
 
 class BackendUnavailable(RuntimeError):
@@ -149,7 +150,7 @@ def _resolve(op, backend):
 
 class Ops:
     """The resolved ops of one spec. Attributes: one per op in OPS, plus the COMPANIONS of each from the
-    same backend (add_layer_norm with layer_norm); `backends` maps op -> backend."""
+    same backend (add_layer_norm with layer_norm, attention_qkv with attention); `backends` maps op -> backend."""
 
     def __init__(self, spec, backends, explicit, impls):
         self.spec = spec

@@ -1,4 +1,5 @@
-"""Causal self-attention in Triton with the FlashAttention-2 algorithm, as torch ops gpt2k::attention_fwd / _bwd.
+"""Causal self-attention in Triton with the FlashAttention-2 algorithm, as torch ops gpt2k::attention_fwd / _bwd,
+and gpt2k::attention_qkv_fwd / _bwd, the same kernels straight from the model's (B, T, 3C) qkv projection.
 
 What is fused (q, k, v: (B, H, T, D), causal, scale 1/sqrt(D); S = QK^T/sqrt(D), P = softmax(S + mask))
   forward   one program per (query tile of BLOCK_M rows, batch*head). It streams key/value tiles of BLOCK_N
@@ -23,6 +24,9 @@ What is fused (q, k, v: (B, H, T, D), causal, scale 1/sqrt(D); S = QK^T/sqrt(D),
   contiguous is, or one whose rows would pass int32 offsets (T * stride_t + D >= 2^31: see _INT32_ROWS).
   Outputs (O, dQ, dK, dV) take the dimension order of their input (torch.empty_like): for the model that
   is (B, T, H, D) memory, so its transpose(1, 2).reshape(B, T, C) after attention is free.
+  attention_qkv(qkv, n_head): q, k, v are views of qkv (B, T, 3C), y comes back as (B, T, C), and the
+  backward writes dQ, dK, dV into their slices of one dqkv (B, T, 3C): no concatenation by autograd (a
+  150 MB copy per layer at GPT-2's 16384 x 768 bf16, ~50 us on an H100) and no view nodes around the op.
   Grid: (query or key tiles, B*H); B*H over CUDA's gridDim.y limit (65535) is launched in chunks (MAX_GRID_Y).
   Dtypes: bf16 and fp16 take tensor-core dots with fp32 accumulation, P and dS are rounded to the input
   dtype before their dots (as FlashAttention does). fp32 is accepted and computed with exact fp32 dots
@@ -65,6 +69,7 @@ from kernels import BackendUnavailable
 from kernels._eager import (auxiliary_outputs, cdiv, check_devices, eager_function, fast_path, impl,
                             next_power_of_2, on_device)
 from kernels._triton_utils import AotSpec
+from kernels.reference import check_qkv
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HEAD_DIMS = (32, 64, 128)
@@ -568,10 +573,16 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """-> (dq, dk, dv), each in its input's dtype and dimension order."""
     _check_bwd(do, q, k, v, o, lse)
     q, k, v, o, do = (_kernel_layout(t) for t in (q, k, v, o, do))
-    B, H, T, D = q.shape
     dq, dk, dv = _like(q), _like(k), _like(v)
+    _backward_into(do, q, k, v, o, lse, dq, dk, dv)
+    return dq, dk, dv
+
+
+def _backward_into(do, q, k, v, o, lse, dq, dk, dv):
+    """The backward's launches, writing dq, dk, dv (given, any strides the kernels take: see _kernel_layout)."""
+    B, H, T, D = q.shape
     if not q.numel():
-        return dq, dk, dv
+        return
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     bm = _PREPROCESS_BLOCK_M if q.is_cuda else _INTERPRETER_CONFIG["fwd"][0]
@@ -588,7 +599,6 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                     (qc, kc, vc, doc, dkc, dvc, lc, dc, *common, *_strides(dkc), *_strides(dvc), Hc, T, *scales), consts)
             _launch(_attn_bwd_dq, "dq", T, bh,
                     (qc, kc, vc, doc, dqc, lc, dc, *common, *_strides(dqc), Hc, T, *scales), consts)
-    return dq, dk, dv
 
 
 @attention_bwd.register_fake
@@ -614,11 +624,111 @@ _EagerAttention = eager_function(  # kernels/_eager.py: the same, without the di
     attention_fwd, _setup_context, functools.partial(_backward, bwd=impl(attention_bwd)), "_EagerAttention")
 
 
+# ---- attention_qkv: straight from the (B, T, 3C) c_attn projection, back to (B, T, C) ------------------
+# The model's q, k, v are views of one projection; its split's backward concatenates dq, dk, dv into one
+# (B, T, 3C) gradient (a copy: 150 MB read + written per layer at GPT-2's 16384 x 768 bf16), and the views
+# around attention cost autograd nodes (host time). attention_qkv takes qkv, returns y (B, T, C), and its
+# backward writes dq, dk, dv straight into their slices of one dqkv: same kernels, same values.
+
+def _heads(t, n_head, part=0, parts=1):
+    """The (B, n_head, T, D) view of part `part` of `parts` side by side in t (B, T, parts * n_head * D): one
+    as_strided over t's own strides (host time: this runs several times per call)."""
+    B, T, W = t.shape
+    D = W // (parts * n_head)
+    sB, sT, sC = t.stride()
+    return t.as_strided((B, n_head, T, D), (sB, D * sC, sT, sC), t.storage_offset() + part * n_head * D * sC)
+
+
+def _split_heads(qkv, n_head):
+    return tuple(_heads(qkv, n_head, i, 3) for i in range(3))
+
+
+@torch.library.custom_op("gpt2k::attention_qkv_fwd", mutates_args=())
+def attention_qkv_fwd(qkv: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (y: (B, T, C) in qkv's dtype, contiguous; lse: (B, n_head, T) fp32)."""
+    B, T, C = check_qkv(qkv, n_head, "attention_qkv (triton)")
+    o, lse = impl(attention_fwd)(*_split_heads(qkv, n_head))
+    return o.transpose(1, 2).reshape(B, T, C), lse  # o is (B, T, H, D) memory (_like): a view, no copy
+
+
+@attention_qkv_fwd.register_fake
+def _(qkv, n_head):
+    B, T, C = check_qkv(qkv, n_head, "attention_qkv (triton)")
+    _check(*_split_heads(qkv, n_head), fake=True)
+    return qkv.new_empty((B, T, C)), qkv.new_empty((B, n_head, T), dtype=torch.float32)
+
+
+def _check_qkv_bwd(dy, qkv, y, lse, n_head, fake=False):
+    B, T, C = check_qkv(qkv, n_head, "attention_qkv_bwd (triton)")
+    for name, t in (("dy", dy), ("y", y)):
+        if t.shape != (B, T, C):
+            raise ValueError(f"attention_qkv_bwd (triton): {name} has shape {tuple(t.shape)}, expected {(B, T, C)}")
+    _check_bwd(_heads(dy, n_head), *_split_heads(qkv, n_head), _heads(y, n_head), lse, fake)
+
+
+@torch.library.custom_op("gpt2k::attention_qkv_bwd", mutates_args=())
+def attention_qkv_bwd(dy: torch.Tensor, qkv: torch.Tensor, y: torch.Tensor, lse: torch.Tensor,
+                      n_head: int) -> torch.Tensor:
+    """-> dqkv (B, T, 3C) in qkv's dtype, contiguous."""
+    _check_qkv_bwd(dy, qkv, y, lse, n_head)
+    return _qkv_backward_launch(dy, qkv, y, lse, n_head)
+
+
+def _qkv_backward_launch(dy, qkv, y, lse, n_head):
+    """attention_qkv_bwd unchecked (the eager fast path's backward: its inputs come from our forward)."""
+    q, k, v = (_kernel_layout(t) for t in _split_heads(qkv, n_head))
+    do, o = _kernel_layout(_heads(dy, n_head)), _kernel_layout(_heads(y, n_head))
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    slices = _split_heads(dqkv, n_head)
+    if _kernel_layout(slices[0]) is slices[0]:  # rows within int32 offsets: the kernels write dqkv in place
+        _backward_into(do, q, k, v, o, lse, *slices)
+    else:  # T * 3C too large for the kernels' int32 row offsets: separate outputs, then one copy
+        grads = (_like(q), _like(k), _like(v))
+        _backward_into(do, q, k, v, o, lse, *grads)
+        for s, g in zip(slices, grads):
+            s.copy_(g)
+    return dqkv
+
+
+@attention_qkv_bwd.register_fake
+def _(dy, qkv, y, lse, n_head):
+    _check_qkv_bwd(dy, qkv, y, lse, n_head, fake=True)
+    return qkv.new_empty(qkv.shape)
+
+
+def _qkv_setup_context(ctx, inputs, output):
+    qkv, n_head = inputs
+    y, lse = output
+    ctx.save_for_backward(qkv, y, lse)
+    ctx.n_head = n_head
+    auxiliary_outputs(ctx, lse)
+
+
+def _qkv_backward(ctx, dy, _dlse, bwd=attention_qkv_bwd):
+    qkv, y, lse = ctx.saved_tensors
+    return bwd(dy, qkv, y, lse, ctx.n_head), None  # dy may be strided: read in place (unit last stride)
+
+
+attention_qkv_fwd.register_autograd(_qkv_backward, setup_context=_qkv_setup_context)
+_EagerAttentionQKV = eager_function(
+    attention_qkv_fwd, _qkv_setup_context, functools.partial(_qkv_backward, bwd=_qkv_backward_launch),
+    "_EagerAttentionQKV")
+
+
 def attention(q, k, v):
     """Same as kernels.reference.attention: causal softmax(q k^T / sqrt(D)) v for q, k, v (B, H, T, D)."""
     if fast_path(q):
         return _EagerAttention.apply(q, k, v)[0]
     return attention_fwd(q, k, v)[0]
+
+
+def attention_qkv(qkv, n_head):
+    """Same as kernels.reference.attention_qkv: causal attention of the n_head heads in the (B, T, 3C)
+    projection qkv -> (B, T, C); its backward returns dqkv in one tensor (no concatenation)."""
+    check_qkv(qkv, n_head, "attention_qkv (triton)")
+    if fast_path(qkv):
+        return _EagerAttentionQKV.apply(qkv, n_head)[0]
+    return attention_qkv_fwd(qkv, n_head)[0]
 
 
 # ---- ahead-of-time compile specs (GPT-2 shapes) --------------------------------------------------

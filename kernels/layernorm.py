@@ -1,5 +1,6 @@
 """LayerNorm over the last dim in Triton, forward and backward, as torch ops gpt2k::layer_norm_fwd / _bwd,
-and the residual add fused in front of it: gpt2k::add_layer_norm_fwd (the model's ln_2, after x + attn).
+and the residual add fused in front of it: gpt2k::add_layer_norm_fwd (the model's every residual add: x + attn
+in ln_2, x + mlp in the next block's ln_1 or in ln_f).
 
 What is fused
   forward   one pass over a tile of rows: fp32 mean and variance, y = (x - mean) * rstd * w + b stored in

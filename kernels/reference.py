@@ -53,6 +53,29 @@ def attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def check_qkv(qkv, n_head, name="attention_qkv"):
+    """(B, T, C) for a c_attn projection qkv (B, T, 3C) of n_head heads; else a ValueError / TypeError saying
+    what is expected."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__
+        raise ValueError(f"{name}: qkv must be a (B, T, 3C) tensor (q, k, v side by side), got {shape}")
+    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1:
+        raise ValueError(f"{name}: n_head must be an int >= 1, got {n_head!r}")
+    B, T, C3 = qkv.shape
+    if C3 % (3 * n_head):
+        raise ValueError(f"{name}: qkv's last dim {C3} must be 3 x n_head x head_dim (n_head = {n_head})")
+    return B, T, C3 // 3
+
+
+def attention_qkv(qkv, n_head):
+    """Causal attention straight from the c_attn projection: qkv (B, T, 3C) holds q, k, v side by side,
+    each n_head heads of C / n_head; -> (B, T, C), the heads side by side again (what c_proj reads). The
+    same ops as GPT-2's usual split / view / transpose around attention()."""
+    B, T, C = check_qkv(qkv, n_head)
+    q, k, v = (t.view(B, T, n_head, C // n_head).transpose(1, 2) for t in qkv.split(C, dim=2))
+    return attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+
+
 def attention_math(q, k, v):
     """softmax(QK^T / sqrt(D) + causal mask) V, materializing the (T, T) scores (nanoGPT's slow path)."""
     T, D = q.shape[-2], q.shape[-1]

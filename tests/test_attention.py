@@ -547,3 +547,117 @@ def test_large_scores_need_the_running_max(device):
     s = q.double() @ k.double().transpose(-2, -1) / math.sqrt(D)
     assert s[:, 0].max() < -150 and s[:, 1].min() > 150
     check_against_float64(q, k, v, do)
+
+
+# ---- attention_qkv: straight from the (B, T, 3C) projection --------------------------------------------
+
+def _qkv_split(fn, H):
+    """attention_qkv's reference path written out: split / view / transpose around fn(q, k, v)."""
+    def call(qkv):
+        B, T, C3 = qkv.shape
+        C = C3 // 3
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=2))
+        return fn(q, k, v).transpose(1, 2).reshape(B, T, C)
+    return call
+
+
+def _run_qkv(fn, qkv, dy):
+    leaf = qkv.detach().requires_grad_()
+    y = fn(leaf)
+    y.backward(dy.to(y.dtype))
+    return y.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("T,H,D,dtype", [(1, 2, 32, torch.float16), (37, 3, 32, torch.float16),
+                                         (100, 2, 64, torch.float16), (29, 2, 128, torch.float32)])
+def test_attention_qkv_matches_float64_and_the_split_path(T, H, D, dtype, device):
+    """y and dqkv against float64 (the numerical rule, the reference op as baseline), and bitwise those of
+    attention() on the split views with autograd's concatenation of dq, dk, dv: the same kernels, only
+    written into one gradient. y and dqkv come back contiguous, in qkv's dtype."""
+    qkv = torch.randn(2, T, 3 * H * D, device=device).to(dtype)
+    dy = torch.randn(2, T, H * D, device=device).to(dtype)
+    got = _run_qkv(lambda t: A.attention_qkv(t, H), qkv, dy)
+    split = _run_qkv(_qkv_split(attention, H), qkv, dy)
+    base = _run_qkv(lambda t: reference.attention_qkv(t, H), qkv, dy)
+    truth = _run_qkv(_qkv_split(attention64, H), qkv.double(), dy.double())
+    for name, g, s, b, t in zip(("y", "dqkv"), got, split, base, truth):
+        assert g.dtype == dtype and g.is_contiguous(), name
+        assert torch.equal(g, s), name
+        assert_close(g, t, b, atol=ATOL[dtype], name=name)
+
+
+def test_attention_qkv_reference_is_the_model_s_old_path(device):
+    """kernels.reference.attention_qkv is GPT-2's usual split / view / transpose around reference.attention:
+    bitwise the same output and gradient (so the torch backend's model did not change)."""
+    qkv, dy = torch.randn(2, 21, 3 * 64, device=device), torch.randn(2, 21, 64, device=device)
+    for a, b in zip(_run_qkv(lambda t: reference.attention_qkv(t, 2), qkv, dy),
+                    _run_qkv(_qkv_split(reference.attention, 2), qkv, dy)):
+        assert torch.equal(a, b)
+
+
+def test_attention_qkv_strided_qkv_and_fast_path(device):
+    """A qkv that is itself a strided view (every other row of a bigger buffer) and the eager fast path vs the
+    custom op: bitwise equal, and the fast path is the one taken."""
+    from kernels import _eager
+
+    big = torch.randn(2, 40, 3 * 64, device=device).to(torch.float16)
+    qkv, dy = big[:, ::2], torch.randn(2, 20, 64, device=device).to(torch.float16)
+    assert not qkv.is_contiguous()
+    leaf = qkv.detach().requires_grad_()
+    assert type(A.attention_qkv(leaf, 2).grad_fn).__name__.startswith("_EagerAttentionQKV")
+    fast = _run_qkv(lambda t: A.attention_qkv(t, 2), qkv, dy)
+    _eager.ENABLED = False
+    try:
+        via_op = _run_qkv(lambda t: A.attention_qkv(t, 2), qkv, dy)
+    finally:
+        _eager.ENABLED = True
+    contiguous = _run_qkv(lambda t: A.attention_qkv(t, 2), qkv.contiguous(), dy)
+    for a, b, c in zip(fast, via_op, contiguous):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_attention_qkv_past_int32_rows_copies_once(monkeypatch, device):
+    """When the (B, T, 3C) rows would overflow the kernels' int32 row offsets (limit lowered here), the
+    backward computes dq, dk, dv apart and copies them into dqkv: the same values."""
+    qkv, dy = torch.randn(1, 45, 3 * 64, device=device).to(torch.float16), torch.randn(1, 45, 64, device=device).to(torch.float16)
+    want = _run_qkv(lambda t: A.attention_qkv(t, 2), qkv, dy)
+    monkeypatch.setattr(A, "_INT32_ROWS", 45 * 3 * 64)
+    slices = A._split_heads(torch.empty(1, 45, 3 * 64, device=device), 2)
+    assert A._kernel_layout(slices[0]) is not slices[0]  # the case this test is about
+    got = _run_qkv(lambda t: A.attention_qkv(t, 2), qkv, dy)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_attention_qkv_opcheck_compile_and_meta(device):
+    qkv = torch.randn(1, 19, 3 * 64, device=device)
+    torch.library.opcheck(A.attention_qkv_fwd, (qkv.clone().requires_grad_(), 2))
+    y, lse = A.attention_qkv_fwd(qkv, 2)
+    torch.library.opcheck(A.attention_qkv_bwd, (torch.randn_like(y), qkv, y, lse, 2))
+    dy = torch.randn_like(y)
+    eager = _run_qkv(lambda t: A.attention_qkv(t, 2), qkv, dy)
+    compiled = _run_qkv(torch.compile(lambda t: A.attention_qkv(t, 2), backend="aot_eager", fullgraph=True), qkv, dy)
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+    meta = qkv.to("meta").requires_grad_()
+    out = A.attention_qkv(meta, 2)
+    assert out.is_meta and out.shape == (1, 19, 64)
+    out.backward(torch.empty_like(out))
+    assert meta.grad.is_meta and meta.grad.shape == qkv.shape
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda qkv: (qkv[0], 2), r"qkv must be a \(B, T, 3C\) tensor"),
+    (lambda qkv: (qkv[..., :-1], 2), "last dim 191 must be 3 x n_head x head_dim"),
+    (lambda qkv: (qkv, 0), "n_head must be an int >= 1"),
+    (lambda qkv: (qkv, 2.0), "n_head must be an int >= 1"),
+    (lambda qkv: (qkv[..., :96], 2), "head dim D = 16 not supported"),
+    (lambda qkv: (qkv.double(), 2), "supported: bfloat16, float16, float32"),
+])
+def test_attention_qkv_bad_input(make, match, device):
+    qkv = torch.randn(1, 4, 3 * 64, device=device)
+    for fn in (A.attention_qkv, reference.attention_qkv):
+        if fn is reference.attention_qkv and "head dim" in match or fn is reference.attention_qkv and "supported:" in match:
+            continue  # kernel limits: the reference (SDPA) takes any head dim and float64
+        with pytest.raises((ValueError, TypeError), match=match):
+            fn(*make(qkv))

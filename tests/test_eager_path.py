@@ -40,6 +40,13 @@ def _attention(device):
     return attention, (q, k, v), "_EagerAttention"
 
 
+def _attention_qkv(device):
+    from kernels.attention import attention_qkv
+
+    return (lambda qkv: attention_qkv(qkv, 2)), (torch.randn(2, 37, 3 * 64, device=device, dtype=torch.float16),), \
+        "_EagerAttentionQKV"
+
+
 def _cross_entropy(device):
     from kernels.cross_entropy import cross_entropy
 
@@ -61,8 +68,9 @@ def _cross_entropy_cuda(device):
 
 def _ops():
     return pytest.mark.parametrize(
-        "make", [_layer_norm, _add_layer_norm, _gelu, _attention, _cross_entropy, _cross_entropy_cuda],
-        ids=["layer_norm", "add_layer_norm", "gelu", "attention", "cross_entropy_triton", "cross_entropy_cuda"])
+        "make", [_layer_norm, _add_layer_norm, _gelu, _attention, _attention_qkv, _cross_entropy, _cross_entropy_cuda],
+        ids=["layer_norm", "add_layer_norm", "gelu", "attention", "attention_qkv", "cross_entropy_triton",
+             "cross_entropy_cuda"])
 
 
 def _run(fn, inputs):
@@ -121,8 +129,8 @@ def test_backward_gets_no_zero_filled_gradients(make, fast, device, monkeypatch)
 
 # ---- double backward: both paths raise (the Triton backward kernels have no derivative) ------------------
 
-_MINE = pytest.mark.parametrize("make", [_layer_norm, _add_layer_norm, _gelu, _attention],
-                                ids=["layer_norm", "add_layer_norm", "gelu", "attention"])
+_MINE = pytest.mark.parametrize("make", [_layer_norm, _add_layer_norm, _gelu, _attention, _attention_qkv],
+                                ids=["layer_norm", "add_layer_norm", "gelu", "attention", "attention_qkv"])
 
 
 @_MINE
@@ -190,7 +198,7 @@ def test_every_launch_runs_under_the_device_guard(monkeypatch):
     run = InterpretedFunction.run
     monkeypatch.setattr(InterpretedFunction, "run",
                         lambda self, *a, **k: (launches.append((self.__name__, depth[0])), run(self, *a, **k))[1])
-    for make in (_layer_norm, _add_layer_norm, _gelu, _attention, _cross_entropy):
+    for make in (_layer_norm, _add_layer_norm, _gelu, _attention, _attention_qkv, _cross_entropy):
         for fast in (True, False):
             monkeypatch.setattr(_eager, "ENABLED", fast)
             fn, inputs, _ = make("cpu")

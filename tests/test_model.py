@@ -255,8 +255,9 @@ def test_layer_norms_write_the_autocast_dtype(spec, device, monkeypatch):
     bf16, fp32 = torch.bfloat16, torch.float32
     model_run, fp32_run = outs[:len(outs) // 2], outs[len(outs) // 2:]
     ln_f = fp32 if "linear_cross_entropy" in spec else bf16
-    assert model_run == [("ln", bf16), ("s", fp32), ("add", bf16)] * 2 + [("ln", ln_f)], model_run
-    assert fp32_run == [("ln", fp32), ("s", fp32), ("add", fp32)] * 2 + [("ln", fp32)], fp32_run
+    # block 0: ln_1 (plain), ln_2 (+ attn); block 1: ln_1 (+ block 0's mlp), ln_2 (+ attn); ln_f (+ block 1's mlp)
+    assert model_run == [("ln", bf16)] + [("s", fp32), ("add", bf16)] * 3 + [("s", fp32), ("add", ln_f)], model_run
+    assert fp32_run == [("ln", fp32)] + [("s", fp32), ("add", fp32)] * 4, fp32_run
     for a, b in zip(*runs):
         assert torch.isfinite(a).all()
         if "layer_norm=triton" not in spec:
@@ -286,3 +287,41 @@ def test_meta_device_shape_inference(spec):
     assert loss.is_meta and loss.shape == ()
     assert logits is None if "linear_cross_entropy" in spec else logits.shape == (2, 16, V)
     assert all(p.grad is not None and p.grad.is_meta and p.grad.shape == p.shape for p in model.parameters())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_residual_adds_are_fused_into_the_next_layer_norm(autocast, monkeypatch):
+    """Every residual add is done by the LayerNorm that reads the sum (ops.add_layer_norm): x + attn by ln_2,
+    x + mlp by the next block's ln_1 or by ln_f; only block 0's ln_1 is a plain LayerNorm. With the torch
+    backend that is the same two PyTorch ops per add: logits, loss and every gradient are bitwise those of
+    GPT-2 written the usual way (x = x + attn(ln_1(x)); x = x + mlp(ln_2(x))), in fp32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=3, n_head=2, n_embd=64)
+    model = GPT(config, kernels="torch")
+    idx = torch.randint(0, 64, (2, 16))
+    calls = []
+    for name in ("layer_norm", "add_layer_norm"):
+        fn = getattr(model.ops, name)
+        monkeypatch.setattr(model.ops, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
+
+    def unfused(model, idx):
+        t = model.transformer
+        x = t.wte(idx) + t.wpe(torch.arange(idx.shape[1]))
+        for b in t.h:
+            x = x + b.attn(b.ln_1(x))
+            x = x + b.mlp(b.ln_2(x))
+        logits = model.lm_head(t.ln_f(x))
+        loss = model.ops.cross_entropy(logits.view(-1, logits.shape[-1]), idx.reshape(-1), -1, config.vocab_size)
+        return logits[..., :config.vocab_size], loss
+
+    runs = []
+    for forward in (lambda m, i: m(i, i), unfused):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = forward(model, idx)
+        loss.backward()
+        runs.append([logits.detach(), loss.detach()] + [p.grad.clone() for p in model.parameters()])
+        if not runs[1:]:
+            assert calls == ["layer_norm"] + ["add_layer_norm"] * (2 * config.n_layer), calls
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

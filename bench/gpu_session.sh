@@ -9,7 +9,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 STEPS=${1:-"tests bench e2e"}
 if [ "$STEPS" = "plan" ]; then  # bench/NOTES.md's plan for a 15-minute device budget: ~9 minutes in one call
-  : "${TESTS:=tests/test_classifier.py tests/test_train.py::test_gpu_cuda_graph_matches_eager tests/test_train.py::test_gpu_training_step_never_syncs tests/test_train.py::test_gpu_default_kernels_bf16 tests/test_eager_path.py tests/test_layernorm.py::test_autotuned_gpt2_shapes_on_gpu}"
+  : "${TESTS:=tests/test_classifier.py tests/test_train.py::test_gpu_cuda_graph_matches_eager tests/test_train.py::test_gpu_training_step_never_syncs tests/test_train.py::test_gpu_default_kernels_bf16 tests/test_eager_path.py tests/test_layernorm.py::test_autotuned_gpt2_shapes_on_gpu tests/test_attention.py::test_attention_qkv_matches_float64_and_the_split_path}"
   : "${TESTS_TIMEOUT:=240}" "${BENCH_ARGS:=--quick cross_entropy layer_norm add_layer_norm}" "${BENCH_TIMEOUT:=120}"
   : "${E2E_ARGS:=--quick}" "${E2E_TIMEOUT:=160}"
   STEPS="tests bench e2e"

@@ -568,8 +568,10 @@ def _run_qkv(fn, qkv, dy):
     return y.detach(), leaf.grad
 
 
-@pytest.mark.parametrize("T,H,D,dtype", [(1, 2, 32, torch.float16), (37, 3, 32, torch.float16),
-                                         (100, 2, 64, torch.float16), (29, 2, 128, torch.float32)])
+@pytest.mark.parametrize("T,H,D,dtype", [
+    (1, 2, 32, torch.float16), (37, 3, 32, torch.float16), (100, 2, 64, torch.float16), (29, 2, 128, torch.float32),
+    pytest.param(1024, 12, 64, torch.bfloat16, marks=requires_cuda),  # GPT-2's heads, as the model runs them
+])
 def test_attention_qkv_matches_float64_and_the_split_path(T, H, D, dtype, device):
     """y and dqkv against float64 (the numerical rule, the reference op as baseline), and bitwise those of
     attention() on the split views with autograd's concatenation of dq, dk, dv: the same kernels, only

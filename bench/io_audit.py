@@ -174,10 +174,10 @@ def _add_layer_norm_bwd(fn, N=256, C=768):
     ds, dy = torch.randn_like(s), torch.randn_like(y)
     box = {}
 
-    def run():  # the kernel reads s, dy, ds and writes d(x + r) once; the casts to x's and r's dtypes are torch's
-        box["dx"], box["dw"], box["db"] = torch.autograd.grad((s, y), (x, w, b), (ds, dy))
-    return run, lambda: ({"dy": dy, "ds": ds, "s": s, "w": w, "dx": box["dx"], "dw": box["dw"], "db": box["db"]},
-                         ["dy", "ds", "s", "w"], ["dx", "dw", "db"])
+    def run():  # the kernel reads s, dy, ds and writes d(x + r) once in x's dtype (fp32) and once in r's (bf16)
+        box["dx"], box["dr"], box["dw"], box["db"] = torch.autograd.grad((s, y), (x, r, w, b), (ds, dy))
+    return run, lambda: ({"dy": dy, "ds": ds, "s": s, "w": w, "dx": box["dx"], "dr": box["dr"], "dw": box["dw"],
+                          "db": box["db"]}, ["dy", "ds", "s", "w"], ["dx", "dr", "dw", "db"])
 
 
 def _gelu_fwd(fn, N=256, C=3072):

@@ -128,10 +128,10 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
     torch.autograd.backward((y64, s64) if add else y64, (dy.double(), ds.double()) if add else dy.double())
     truth = {"y": y64.detach(), "dx": x64.grad, "dw": w64.grad, "db": b64.grad}
     if add:
-        truth["s"] = s64.detach()
+        truth["s"], truth["dr"] = s64.detach(), x64.grad  # the residual's gradient is x's, in bf16
         s_, y, mean, rstd = ln.add_layer_norm_fwd(x, r, w, b, 1e-5, y_dtype)
-        dx, (dw, db) = ln.layer_norm_bwd(dy, s_, w, mean, rstd, ds)
-        default = {"s": s_, "y": y, "dx": dx, "dw": dw, "db": db}
+        dx, dr, (dw, db) = ln.add_layer_norm_bwd(dy, s_, w, mean, rstd, ds, torch.bfloat16)
+        default = {"s": s_, "y": y, "dx": dx, "dr": dr, "dw": dw, "db": db}
     else:
         y, mean, rstd = ln.layer_norm_fwd(x, w, b, 1e-5, y_dtype)
         dx, (dw, db) = ln.layer_norm_bwd(dy, x, w, mean, rstd)
@@ -170,7 +170,7 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         rows.append(row)
         say(row)
 
-    bwd_bytes = N * C * (2 * s + sy) + 8 * N + 3 * C * sw + (N * C * s if add else 0)  # + read ds
+    bwd_bytes = N * C * (2 * s + sy) + 8 * N + 3 * C * sw + (N * C * (s + 2) if add else 0)  # + read ds, write dr
     stats = []  # per input set: (the LayerNorm's input: s or x, mean, rstd)
     for xi, ri, wi, bi, _, _ in sets:
         if add:
@@ -180,23 +180,25 @@ def sweep(N, C, fwd_cfgs, bwd_cfgs, copy_gbps, say, device="cuda", timer=None, d
         stats.append((si, mi, rsi))
     for br, warps, stages, per_sm in bwd_cfgs:
         programs = ln._bwd_programs(-(-N // br), per_sm * sms)
-        outs = [(torch.empty_like(x), torch.empty(programs, 2, C, device=dev)) for _ in sets]
+        outs = [(torch.empty_like(x), torch.empty(programs, 2, C, device=dev),
+                 torch.empty_like(x, dtype=torch.bfloat16) if add else None) for _ in sets]
 
         def launch_bwd(i, br=br, warps=warps, stages=stages, per_sm=per_sm, programs=programs):
             _, _, wi, _, dyi, dsi = sets[i]
             xi, mi, ri = stats[i]
-            dxi, parts = outs[i]
-            ln._layer_norm_bwd_kernel[(programs,)](dyi, xi, wi, mi, ri, dxi, dsi if add else dyi, parts,
+            dxi, parts, dri = outs[i]
+            ln._layer_norm_bwd_kernel[(programs,)](dyi, xi, wi, mi, ri, dxi, dsi if add else dyi,
+                                                   dri if add else dxi, parts,
                                                    C, C, C, N, C, bucket, BLOCK_R=br, BLOCK_C=block_c, STAGES=stages,
-                                                   PER_SM=per_sm, HAS_DS=add, num_warps=warps)
+                                                   PER_SM=per_sm, HAS_DS=add, HAS_DR=add, num_warps=warps)
             parts.sum(0)  # the op's reduction of the partial sums (a torch kernel), timed with it
         row = {"kernel": "bwd", "dtype": dtype_name, "N": N, "C": C, "block_r": br, "warps": warps, "stages": stages,
                "programs_per_sm": per_sm, "programs": programs}
         try:
             ms = timer([lambda i=i: launch_bwd(i) for i in range(SETS)])
-            dxi, parts = outs[0]
+            dxi, parts, dri = outs[0]
             sums = parts.sum(0)
-            err, bad = check({"dx": dxi, "dw": sums[0], "db": sums[1]})
+            err, bad = check({"dx": dxi, "dw": sums[0], "db": sums[1], **({"dr": dri} if add else {})})
             default = (br, block_c, warps) == ln._tile(C) and stages == ln.BWD_STAGES and per_sm == ln.BWD_PROGRAMS_PER_SM
             row.update(ms=ms, gbps=bwd_bytes / ms / 1e6, pct_copy=100 * bwd_bytes / ms / 1e6 / copy_gbps,
                        max_err=err, bad=bad, default=default)

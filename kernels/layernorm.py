@@ -17,7 +17,9 @@ What is fused
   add_layer_norm(x, r, w, b) -> (s, y): the forward loads x and r, stores s = x + r (rounded to s's dtype,
             PyTorch's promotion of the two: fp32 for the fp32 residual stream + a bf16 branch under
             autocast) and normalizes s; the backward reads ds, the gradient reaching s by the residual
-            path, and writes dx + ds once: the gradient of both x and r. Unfused, the add costs a pass
+            path, and writes dx + ds once: the gradient of both x and r (gpt2k::add_layer_norm_bwd: when x
+            and r differ in dtype, the same registers are stored a second time in the narrower one, instead
+            of a cast kernel reading the gradient again afterwards). Unfused, the add costs a pass
             (read x, r, write s) that the LayerNorm then reads again, and autograd sums s's two gradients
             in another pass: the fused op saves one read of s forward and a read + write backward.
 
@@ -27,8 +29,8 @@ Floor (N rows of C; s = bytes per element of x, sw of w and b)
   At 16384 x 768 bf16: fwd 50.4 MB, bwd 75.6 MB.
   add_layer_norm: forward + N*C*(s_r + s) (read r, write s), backward + N*C*s (read ds). As the model runs
   it under bf16 autocast at 16384 x 768 (fp32 x, s; bf16 r and y = out_dtype, so bf16 dy): fwd 151 MB, bwd
-  176 MB + 25 MB for r's bf16 gradient (cast by a torch op; bench/specs.py counts it: 201 MB). With y in
-  fp32 (no out_dtype) it would be 176 and 227 MB.
+  176 MB + 25 MB for r's bf16 gradient, written by the same kernel (bench/specs.py: 201 MB; before, a cast
+  kernel wrote it and read the 50 MB fp32 gradient again). With y in fp32 (no out_dtype): 176 and 227 MB.
 Total / floor: every forward program re-reads w and b (4 rows per program at C = 768: total/floor ~1.5
 counting every load, but they hit L1/L2 and DRAM sees them about once). mean and rstd are 8 bytes per row
 (0.5% of the floor at C = 768). The backward reads w once per program, and writes and re-reads the (P, 2, C)
@@ -116,6 +118,7 @@ def _layer_norm_bwd_kernel(
     rstd_ptr,  # (N,) fp32, from the forward
     dx_ptr,  # (N, C) output, contiguous, x's dtype
     ds_ptr,  # (N, C) gradient reaching x by another path, added to dx (HAS_DS), row stride stride_ds
+    dr_ptr,  # (N, C) contiguous: dx again, in another dtype (HAS_DR: add_layer_norm's narrower input's gradient)
     part_ptr,  # (P, 2, C) fp32, P >= programs: [p, 0] program p's sum of dy * xhat over its rows, [p, 1] of dy
     stride_dy,
     stride_x,
@@ -128,6 +131,7 @@ def _layer_norm_bwd_kernel(
     STAGES: tl.constexpr,  # software pipelining of the tile loop's loads (1: none; 2+: cp.async prefetch)
     PER_SM: tl.constexpr,  # programs per SM in the launch grid (_bwd_programs): a launch parameter the kernel ignores
     HAS_DS: tl.constexpr,  # add ds to dx (the residual branch of add_layer_norm)
+    HAS_DR: tl.constexpr,  # also store dx rounded to dr's dtype (instead of a cast kernel afterwards)
 ):
     pid = tl.program_id(0)
     # program p handles row tiles [p * tiles_per_program, (p + 1) * tiles_per_program): with the grid of
@@ -156,6 +160,8 @@ def _layer_norm_bwd_kernel(
         if HAS_DS:
             dx += tl.load(ds_ptr + rows64 * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows64 * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if HAS_DR:
+            tl.store(dr_ptr + rows64 * C + cols[None, :], dx.to(dr_ptr.dtype.element_ty), mask=mask)
         dw_acc += dy * xhat
         db_acc += dy
     part = part_ptr + pid.to(tl.int64) * 2 * C + cols
@@ -259,7 +265,7 @@ _layer_norm_fwd_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: _fwd_configs(kw["BLOCK_C"])},
 )(_layer_norm_fwd_kernel)
 _layer_norm_bwd_tuned = triton.autotune(
-    configs=_bwd_configs(1024), key=["C", "ROWS_BUCKET", "HAS_DS"], cache_results=True,
+    configs=_bwd_configs(1024), key=["C", "ROWS_BUCKET", "HAS_DS", "HAS_DR"], cache_results=True,
     prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: _bwd_configs(kw["BLOCK_C"])},
 )(_layer_norm_bwd_kernel)
 
@@ -384,24 +390,27 @@ def _(x, residual, weight, bias, eps, out_dtype=None):
             torch.empty_like(mean))
 
 
-def _backward_launch(dy, x, weight, mean, rstd, ds=None):
-    """The backward launch, unchecked (the eager fast path's backward: its inputs come from our forward)."""
+def _backward_launch(dy, x, weight, mean, rstd, ds=None, dr_dtype=None):
+    """The backward launch, unchecked (the eager fast path's backward: its inputs come from our forward).
+    -> (dx, dwb), or (dx, dr, dwb) with dr_dtype: dx also written in that dtype by the same kernel."""
     C = x.shape[-1]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dr = None if dr_dtype is None else torch.empty(x.shape, dtype=dr_dtype, device=x.device)
     x2, dy2 = _rows(x), _rows(dy)
     ds2 = dy2 if ds is None else _rows(ds)
     N = x2.shape[0]
     if N == 0:
-        return dx, torch.zeros((2, C), dtype=torch.float32, device=x.device)
+        dwb = torch.zeros((2, C), dtype=torch.float32, device=x.device)
+        return (dx, dwb) if dr is None else (dx, dr, dwb)
     block_r, block_c, num_warps = _tile(C, x.is_cuda)
-    args = (dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, ds2)
+    args = (dy2, x2, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, ds2, dx if dr is None else dr)
     strides = (dy2.stride(0), x2.stride(0), ds2.stride(0), N, C, next_power_of_2(N))
     if _autotuned(x, N, C):  # every config writes its programs' rows of one buffer sized for the largest grid
         sms = _sm_count(x.device)
         part = torch.empty((_tuned_part_rows(N, block_c, sms), 2, C), dtype=torch.float32, device=x.device)
         with on_device(x):
             _layer_norm_bwd_tuned[lambda meta: (_tuned_bwd_programs(meta, N, sms),)](
-                *args, part, *strides, BLOCK_C=block_c, HAS_DS=ds is not None)
+                *args, part, *strides, BLOCK_C=block_c, HAS_DS=ds is not None, HAS_DR=dr is not None)
         programs = _tuned_bwd_programs(_layer_norm_bwd_tuned.best_config.kwargs, N, sms)  # the launch that wrote dx
     else:
         programs = _bwd_programs(cdiv(N, block_r), _programs_target(x.device))
@@ -409,8 +418,9 @@ def _backward_launch(dy, x, weight, mean, rstd, ds=None):
         with on_device(x):
             _layer_norm_bwd_kernel[(programs,)](
                 *args, part, *strides, BLOCK_R=block_r, BLOCK_C=block_c, STAGES=BWD_STAGES,
-                PER_SM=BWD_PROGRAMS_PER_SM, HAS_DS=ds is not None, num_warps=num_warps)
-    return dx, part[:programs].sum(0)
+                PER_SM=BWD_PROGRAMS_PER_SM, HAS_DS=ds is not None, HAS_DR=dr is not None, num_warps=num_warps)
+    dwb = part[:programs].sum(0)
+    return (dx, dwb) if dr is None else (dx, dr, dwb)
 
 
 @torch.library.custom_op("gpt2k::layer_norm_bwd", mutates_args=())
@@ -458,20 +468,61 @@ def _add_setup_context(ctx, inputs, output):
     auxiliary_outputs(ctx, mean, rstd)  # and an unused s's or y's gradient is None: see _add_backward
 
 
-def _add_backward(ctx, ds, dy, _dmean, _drstd, bwd=layer_norm_bwd):
-    # d(x + residual) = ds (from s's other uses) + the LayerNorm's dx, in one pass: it is both inputs' gradient
+@torch.library.custom_op("gpt2k::add_layer_norm_bwd", mutates_args=())
+def add_layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                       rstd: torch.Tensor, ds: Optional[torch.Tensor], narrow_dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """layer_norm_bwd for add_layer_norm whose x and residual differ in dtype (the model's fp32 stream + a
+    bf16 branch): -> (dsum in s's dtype, dsum in narrow_dtype, (2, C) fp32 dweight / dbias), both copies of
+    the gradient written by the one kernel (no cast kernel reading dsum again afterwards)."""
+    _check_bwd(dy, s, weight, mean, rstd, ds)
+    _check_narrow(narrow_dtype)
+    check_devices("add_layer_norm_bwd", dy, s, weight, mean, rstd, *(() if ds is None else (ds,)))
+    return _backward_launch(dy, s, weight, mean, rstd, ds, narrow_dtype)
+
+
+@add_layer_norm_bwd.register_fake
+def _(dy, s, weight, mean, rstd, ds, narrow_dtype):
+    _check_bwd(dy, s, weight, mean, rstd, ds)
+    _check_narrow(narrow_dtype)
+    check_devices("add_layer_norm_bwd", dy, s, weight, mean, rstd, *(() if ds is None else (ds,)), meta_ok=True)
+    return s.new_empty(s.shape), s.new_empty(s.shape, dtype=narrow_dtype), s.new_empty((2, s.shape[-1]),
+                                                                                      dtype=torch.float32)
+
+
+def _check_narrow(dtype):
+    if dtype not in DTYPES:
+        raise TypeError(f"add_layer_norm_bwd (triton): narrow_dtype {dtype} not supported; supported: float32, "
+                        "bfloat16, float16")
+
+
+def _add_backward(ctx, ds, dy, _dmean, _drstd, bwd=layer_norm_bwd, bwd_narrow=add_layer_norm_bwd):
+    # d(x + residual) = ds (from s's other uses) + the LayerNorm's dx, in one pass: it is both inputs' gradient,
+    # in s's dtype, and (when x and residual differ in dtype) in the narrower one, written by the same kernel
     s, weight, mean, rstd = ctx.saved_tensors
     if dy is None:  # only s was used: the LayerNorm's part is zero (ds None, only y used: the kernel skips it)
         dy = torch.zeros_like(s)
-    dsum, dwb = bwd(dy, s, weight, mean, rstd, ds)
     x_dtype, r_dtype, b_dtype = ctx.dtypes
-    return dsum.to(x_dtype), dsum.to(r_dtype), dwb[0].to(weight.dtype), dwb[1].to(b_dtype), None, None
+    need = dict(zip((x_dtype, r_dtype), ctx.needs_input_grad[:2])) if x_dtype != r_dtype else {}
+    # s has the wider dtype (fp32 for fp16 + bf16); a narrower input that needs its gradient gets it from the kernel
+    narrow = next((t for t in (r_dtype, x_dtype) if t != s.dtype and need.get(t)), None)
+    if narrow is None:
+        (dsum, dwb), dnarrow = bwd(dy, s, weight, mean, rstd, ds), None
+    else:
+        dsum, dnarrow, dwb = bwd_narrow(dy, s, weight, mean, rstd, ds, narrow)
+
+    def grad(dtype, needed):
+        if not needed:
+            return None
+        return dsum if dtype == s.dtype else dnarrow if dtype == narrow else dsum.to(dtype)
+    return (grad(x_dtype, ctx.needs_input_grad[0]), grad(r_dtype, ctx.needs_input_grad[1]),
+            dwb[0].to(weight.dtype), dwb[1].to(b_dtype), None, None)
 
 
 add_layer_norm_fwd.register_autograd(_add_backward, setup_context=_add_setup_context)
 _EagerAddLayerNorm = eager_function(
-    add_layer_norm_fwd, _add_setup_context, functools.partial(_add_backward, bwd=_backward_launch),
-    "_EagerAddLayerNorm")
+    add_layer_norm_fwd, _add_setup_context,
+    functools.partial(_add_backward, bwd=_backward_launch, bwd_narrow=_backward_launch), "_EagerAddLayerNorm")
 
 
 def _affine(x, weight, bias):
@@ -545,17 +596,17 @@ def compile_specs():
                 continue
             warps = cfg["num_warps"]
             specs.append(AotSpec(
-                name=(f"{label}layer_norm_bwd x={xt}{y_label.replace('y=', 'dy=')} w={wt}{' +ds' if add else ''} C=768"
+                name=(f"{label}layer_norm_bwd x={xt}{y_label.replace('y=', 'dy=')} w={wt}{f' +ds dr={rt}' if add else ''} C=768"
                       + (f" R={cfg['BLOCK_R']} w{warps} stages={cfg['STAGES']} {cfg['PER_SM']}/SM (autotune)" if i else "")),
                 fn=_layer_norm_bwd_kernel,
                 signature={"dy_ptr": f"*{yt}", "x_ptr": f"*{xt}", "w_ptr": f"*{wt}", "mean_ptr": "*fp32",
-                           "rstd_ptr": "*fp32", "dx_ptr": f"*{xt}", "ds_ptr": f"*{xt}", "part_ptr": "*fp32",
-                           "stride_dy": "i32", "stride_x": "i32", "stride_ds": "i32", "N": "i32", "C": "i32",
-                           "ROWS_BUCKET": "i32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr",
-                           "STAGES": "constexpr", "PER_SM": "constexpr", "HAS_DS": "constexpr"},
+                           "rstd_ptr": "*fp32", "dx_ptr": f"*{xt}", "ds_ptr": f"*{xt}", "dr_ptr": f"*{rt or xt}",
+                           "part_ptr": "*fp32", "stride_dy": "i32", "stride_x": "i32", "stride_ds": "i32", "N": "i32",
+                           "C": "i32", "ROWS_BUCKET": "i32", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr",
+                           "STAGES": "constexpr", "PER_SM": "constexpr", "HAS_DS": "constexpr", "HAS_DR": "constexpr"},
                 constexprs={"BLOCK_R": cfg["BLOCK_R"], "BLOCK_C": block_c, "STAGES": cfg["STAGES"],
-                            "PER_SM": cfg["PER_SM"], "HAS_DS": add},
+                            "PER_SM": cfg["PER_SM"], "HAS_DS": add, "HAS_DR": add and rt != xt},
                 num_warps=warps,
-                aligned=("dy_ptr", "x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "dx_ptr", "ds_ptr", "part_ptr",
+                aligned=("dy_ptr", "x_ptr", "w_ptr", "mean_ptr", "rstd_ptr", "dx_ptr", "ds_ptr", "dr_ptr", "part_ptr",
                          "stride_dy", "stride_x", "stride_ds", "N", "C", "ROWS_BUCKET")))
     return specs

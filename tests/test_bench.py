@@ -837,9 +837,9 @@ _N, _C, _G = 256 * 768, 768, 256 * 3072
 AUDIT_IDEAL = {
     "layer_norm fwd": _floor(x=2 * _N, w=4 * _C, b=4 * _C, y=2 * _N),
     "layer_norm bwd": _floor(dy=2 * _N, x=2 * _N, w=4 * _C, dx=2 * _N, dw=4 * _C, db=4 * _C),
-    # add_layer_norm without out_dtype: y (and so dy) in x's fp32; the cast of d(x + r) to r's dtype is torch's
+    # add_layer_norm without out_dtype: y (and so dy) in x's fp32; d(x + r) written in x's fp32 and r's bf16
     "add_layer_norm fwd": _floor(x=4 * _N, r=2 * _N, w=4 * _C, b=4 * _C, s=4 * _N, y=4 * _N),
-    "add_layer_norm bwd": _floor(dy=4 * _N, ds=4 * _N, s=4 * _N, w=4 * _C, dx=4 * _N, dw=4 * _C, db=4 * _C),
+    "add_layer_norm bwd": _floor(dy=4 * _N, ds=4 * _N, s=4 * _N, w=4 * _C, dx=4 * _N, dr=2 * _N, dw=4 * _C, db=4 * _C),
     "gelu fwd": _floor(x=2 * _G, y=2 * _G),
     "gelu bwd": _floor(dy=2 * _G, x=2 * _G, dx=2 * _G),
     "AdamW step": 7 * 4 * (256 * 768 + 768 + 2304 + 768 * 64),

@@ -655,11 +655,89 @@ def test_attention_qkv_opcheck_compile_and_meta(device):
     (lambda qkv: (qkv, 2.0), "n_head must be an int >= 1"),
     (lambda qkv: (qkv[..., :96], 2), "head dim D = 16 not supported"),
     (lambda qkv: (qkv.double(), 2), "supported: bfloat16, float16, float32"),
+    (lambda qkv: (qkv[None], 2), r"qkv must be a \(B, T, 3C\) tensor"),  # 4-D
+    (lambda qkv: (qkv.tolist(), 2), r"qkv must be a \(B, T, 3C\) tensor"),  # not a tensor
+    (lambda qkv: (qkv, True), "n_head must be an int >= 1"),  # a bool is not a head count
+    (lambda qkv: (qkv[..., :128], 2), "last dim 128 must be 3 x n_head x head_dim"),  # n_head divides, 3 x n_head not
 ])
 def test_attention_qkv_bad_input(make, match, device):
+    """Each error says what is expected, from both backends; our op's fake implementation (meta tensors, as
+    torch.compile and `with torch.device("meta")` use it) rejects the same inputs as the real call."""
     qkv = torch.randn(1, 4, 3 * 64, device=device)
     for fn in (A.attention_qkv, reference.attention_qkv):
         if fn is reference.attention_qkv and "head dim" in match or fn is reference.attention_qkv and "supported:" in match:
             continue  # kernel limits: the reference (SDPA) takes any head dim and float64
         with pytest.raises((ValueError, TypeError), match=match):
             fn(*make(qkv))
+    if isinstance(make(qkv)[0], torch.Tensor):
+        with pytest.raises((ValueError, TypeError), match=match):
+            A.attention_qkv(*make(qkv.to("meta")))
+
+
+@pytest.mark.parametrize("fake", [False, True], ids=["real", "meta"])
+def test_attention_qkv_bwd_checks_its_inputs(fake, device):
+    """attention_qkv_bwd (and its fake implementation) rejects a dy or y of the wrong shape or dtype and a wrong
+    lse with a message, and returns dqkv contiguous in qkv's dtype (not fp32 left for autograd to cast)."""
+    qkv = torch.randn(1, 6, 3 * 64, device=device).to(torch.float16)
+    y, lse = A.attention_qkv_fwd(qkv, 2)
+    dy = torch.randn_like(y)
+    if fake:
+        qkv, y, lse, dy = (t.to("meta") for t in (qkv, y, lse, dy))
+    dqkv = A.attention_qkv_bwd(dy, qkv, y, lse, 2)
+    assert dqkv.shape == qkv.shape and dqkv.dtype == torch.float16 and dqkv.is_contiguous()
+    bad = [((dy[..., :-1], qkv, y, lse), r"dy has shape \(1, 6, 63\), expected \(1, 6, 64\)"),
+           ((dy, qkv, y[:, :-1], lse), r"y has shape \(1, 5, 64\), expected \(1, 6, 64\)"),
+           ((dy, qkv, y.float(), lse), r"and o \(1, 2, 6, 32\) torch.float32 must match q \(1, 2, 6, 32\) torch.float16"),
+           ((dy.float(), qkv, y, lse), r"do \(1, 2, 6, 32\) torch.float32 and o \(1, 2, 6, 32\) torch.float16 must match"),
+           ((dy, qkv, y, lse[:, :1]), r"lse \(1, 1, 6\) torch.float32 must be float32 of shape \(1, 2, 6\)")]
+    for args, match in bad:
+        with pytest.raises(ValueError, match=match):
+            A.attention_qkv_bwd(*args, 2)
+
+
+@pytest.mark.parametrize("limit", [None, 45 * 3 * 64], ids=["in_place", "past_int32_rows"])
+def test_attention_qkv_bwd_writes_dqkv_in_place_unless_rows_pass_int32(limit, monkeypatch, device):
+    """The backward's kernels write dq, dk, dv straight into dqkv's slices (no copy) while dqkv's rows fit the
+    kernels' int32 offsets; past that (limit lowered here) into separate tensors, then copied: same values."""
+    qkv = torch.randn(1, 45, 3 * 64, device=device).to(torch.float16)
+    y, lse = A.attention_qkv_fwd(qkv, 2)
+    dy = torch.randn_like(y)
+    want = A._qkv_backward_launch(dy, qkv, y, lse, 2)
+    if limit is not None:
+        monkeypatch.setattr(A, "_INT32_ROWS", limit)
+    written = []
+    backward_into = A._backward_into
+    monkeypatch.setattr(A, "_backward_into", lambda *args: (
+        written.append([g.untyped_storage().data_ptr() for g in args[-3:]]), backward_into(*args))[1])
+    got = A._qkv_backward_launch(dy, qkv, y, lse, 2)
+    assert torch.equal(got, want)
+    (ptrs,) = written
+    in_place = [p == got.untyped_storage().data_ptr() for p in ptrs]
+    assert in_place == [limit is None] * 3, in_place
+
+
+def test_empty_inputs_launch_no_kernel(monkeypatch, device):
+    """A batch or a sequence of length 0: outputs and gradients of the right (empty) shape, and not one kernel
+    launch (forward or backward), through attention and attention_qkv, fast path and custom op."""
+    from kernels import _eager
+
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: launches.append(grid)
+    monkeypatch.setattr(A, "_launch", lambda *a, **k: launches.append(a[1]))
+    monkeypatch.setattr(A, "_attn_bwd_preprocess_kernel", Spy())
+    for fast in (True, False):
+        monkeypatch.setattr(_eager, "ENABLED", fast)
+        for shape in ((0, 2, 5, 32), (1, 2, 0, 32)):
+            q = torch.randn(shape, device=device, dtype=torch.float16, requires_grad=True)
+            out = attention(q, q, q)
+            out.backward(torch.ones_like(out))
+            assert out.shape == q.shape and q.grad.shape == q.shape
+        for shape in ((0, 5, 3 * 64), (1, 0, 3 * 64)):
+            qkv = torch.randn(shape, device=device, dtype=torch.float16, requires_grad=True)
+            y = A.attention_qkv(qkv, 2)
+            y.backward(torch.ones_like(y))
+            assert y.shape == shape[:2] + (64,) and qkv.grad.shape == qkv.shape
+    assert launches == []

@@ -325,3 +325,58 @@ def test_residual_adds_are_fused_into_the_next_layer_norm(autocast, monkeypatch)
             assert calls == ["layer_norm"] + ["add_layer_norm"] * (2 * config.n_layer), calls
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_forward_cached_fuses_the_residual_adds_too(monkeypatch):
+    """The KV-cache path adds its residuals the same way as forward: block 0's ln_1 plain, every other add in
+    the LayerNorm after it (ln_2, the next ln_1, ln_f), and the same logits as forward at the last position."""
+    from gpt2.model import KVCache
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=3, n_head=2, n_embd=64)
+    model = GPT(config, kernels="torch").double().eval()
+    idx = torch.randint(0, 64, (2, 9))
+    full = model(idx)[0]
+    calls = []
+    for name in ("layer_norm", "add_layer_norm"):
+        fn = getattr(model.ops, name)
+        monkeypatch.setattr(model.ops, name, lambda *a, fn=fn, name=name, **k: calls.append(name) or fn(*a, **k))
+    cache = KVCache(config, 2)
+    for a, b in [(0, 5), (5, 6), (6, 9)]:
+        calls.clear()
+        last = model.forward_cached(idx[:, a:b], cache)
+        assert calls == ["layer_norm"] + ["add_layer_norm"] * (2 * config.n_layer), calls
+        assert (last - full[:, b - 1]).abs().max().item() < 1e-12
+
+
+def test_a_model_without_blocks():
+    """n_layer = 0 (embeddings, ln_f, lm_head): no residual is pending, ln_f is a plain LayerNorm, in forward
+    and in the KV-cache path alike."""
+    from gpt2.model import KVCache
+
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=16, vocab_size=64, n_layer=0, n_head=2, n_embd=64)
+    model = GPT(config, kernels="torch").double().eval()
+    idx = torch.randint(0, 64, (2, 7))
+    full = model(idx)[0]
+    last = model.forward_cached(idx, KVCache(config, 2))
+    assert (last - full[:, -1]).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "add"])
+def test_pending_forward_keeps_the_dtype_when_asked(residual):
+    """LayerNorm.pending_forward: (x + r, ln(x + r)), or (x, ln(x)) when no residual is pending (None); under
+    autocast ln's output is in the matmul dtype (bf16), or in x's dtype (fp32) with keep_dtype, either way."""
+    from gpt2.model import LayerNorm
+    from kernels import get_ops
+
+    torch.manual_seed(0)
+    ln = LayerNorm(64, 1e-5, get_ops("torch"))
+    x, r = torch.randn(3, 64), torch.randn(3, 64)
+    s_want = x + r if residual else x
+    for keep_dtype, dtype in ((False, torch.bfloat16), (True, torch.float32)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s, y = ln.pending_forward(x, r if residual else None, keep_dtype=keep_dtype)
+        assert torch.equal(s, s_want) and y.dtype == dtype, (keep_dtype, y.dtype)
+        want = torch.nn.functional.layer_norm(s_want, (64,), ln.weight, ln.bias, 1e-5)
+        assert torch.allclose(y.float(), want, atol=1e-2 if dtype == torch.bfloat16 else 1e-6)

@@ -373,3 +373,36 @@ def test_command_line_usage_errors(argv, code, where, words, capsys):
     out, err = capsys.readouterr()
     assert words in (out if where == "out" else err)
     assert (err if where == "out" else out) == ""
+
+
+def test_cp_async_counting_reads_the_copy_size_operand(monkeypatch):
+    """The state space may be spelled `.shared::cta` (newer ptxas output); the 128-bit test reads the copy
+    size operand after the two addresses, not a 16 elsewhere on the line (register %r16, offset 16)."""
+    ptx = PTX_HEAD + ("cp.async.cg.shared::cta.global [%r1], [%rd1], 16;\n"
+                      "cp.async.ca.shared::cta.global [ %r16 + 16 ], [ %rd16 + 16 ], 0x4, %r16;\n"
+                      "cp.async.ca.shared.global [%r16], [%rd16], 8;\n}\n")
+    _fake_compile(monkeypatch, ptx, PTXAS_LOG.format(stack=0, st=0, ld=0, regs=32))
+    row = U.aot_compile(SPEC, 90)
+    assert row["ld128"] == 1 and row["ld_total"] == 3, (row["ld128"], row["ld_total"])
+
+
+@pytest.mark.parametrize("argv,rows", [(["-h"], None), (["80"], "[]"), (["80,90:ones"], "[]")])
+def test_command_line_help_and_no_modules(argv, rows, capsys):
+    """-h is --help (usage on stdout, exit 0); an arch list with no module, with or without ':ones', is a
+    valid call that compiles nothing: '[]' on stdout and exit 0."""
+    assert U._main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert out.startswith("usage: python -m kernels._triton_utils") if rows is None else out.strip() == rows
+
+
+@pytest.mark.parametrize("argv,code", [([], 2), (["80,x"], 2), (["--help"], 0), (["80"], 0)])
+def test_command_line_exit_status(argv, code):
+    """`python -m kernels._triton_utils` exits with _main's status (2 for a usage error), so scripts see it."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "kernels._triton_utils", *argv], cwd=root, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == code, proc.stderr[-2000:]

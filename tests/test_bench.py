@@ -940,3 +940,84 @@ def test_static_selects_companion_audits_and_writes_json(monkeypatch, capsys, tm
     b = specs.selected({"add_layer_norm"})[0]
     assert floors[0]["bytes"] == specs.ideal_bytes(b, "fwd")
     assert floors[0]["floor_s"]["H100 SXM"] == pytest.approx(specs.ideal_bytes(b, "fwd") / 3.35e12)
+
+
+# ---- bench.host_overhead: its rows are the model's calls ---------------------------------------------------
+
+def _op_name(row_op):
+    return row_op.split(" ")[0]  # "cross_entropy (triton)" -> cross_entropy
+
+
+def test_host_overhead_calls_per_step_are_the_model_s(monkeypatch):
+    """CALLS_PER_STEP is what one GPT-2 124M micro-step (12 layers, the default classifier) calls of each op:
+    counted on the model itself (tiny widths, torch backend), so a change to the model shows here."""
+    from bench import host_overhead as H
+    from gpt2.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, vocab_size=128, n_layer=12, n_head=2, n_embd=64), kernels="torch")
+    counts = {}
+    for name in {_op_name(op) for op in H.CALLS_PER_STEP}:
+        fn = getattr(model.ops, name)
+        monkeypatch.setattr(model.ops, name, lambda *a, fn=fn, name=name, **k: (
+            counts.__setitem__(name, counts.get(name, 0) + 1), fn(*a, **k))[1])
+    idx = torch.randint(0, 128, (1, 8))
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert {_op_name(op): n for op, n in H.CALLS_PER_STEP.items() if n} == counts
+
+
+def test_host_overhead_times_our_op_and_its_reference(monkeypatch):
+    """measure() has one row per CALLS_PER_STEP entry (plus the model's), and each row times our op through the
+    fast path, then through the custom op, then the reference op: checked by calling each timed function once
+    (kernels not stubbed: the interpreter runs them on the tiny inputs) and recording which op it called."""
+    from bench import host_overhead as H
+    from kernels import _eager
+    from kernels import attention as at
+    from kernels import cross_entropy as ce
+    from kernels import gelu as ge
+    from kernels import layernorm as ln
+    from kernels import reference as ref
+
+    import kernels
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_eager, "ENABLED", True)
+    monkeypatch.setattr(kernels, "set_loss_row_checks", lambda enabled: True)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(H, "_stub_kernels", lambda modules: 1)
+    monkeypatch.setattr(H, "_model_row", lambda torch, _eager, number: {"op": "model"})
+    calls, depth = [], [0]
+
+    def spy(kind, name, fn):
+        def call(*a, **k):
+            if not depth[0]:
+                calls.append((kind, name, _eager.ENABLED))
+            depth[0] += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                depth[0] -= 1
+        return call
+    for kind, mod, names in (("ours", ln, ("layer_norm", "add_layer_norm")), ("ours", ge, ("gelu",)),
+                             ("ours", at, ("attention", "attention_qkv")), ("ours", ce, ("cross_entropy",)),
+                             ("ref", ref, ("layer_norm", "add_layer_norm", "gelu", "attention", "attention_qkv",
+                                           "cross_entropy"))):
+        for name in names:
+            monkeypatch.setattr(mod, name, spy(kind, name, getattr(mod, name)))
+    timed = []
+
+    def time_once(fn, reps=7, number=300):
+        fn()
+        timed.append(list(calls))
+        calls.clear()
+        return 1.0, 1.0, 1.0
+    monkeypatch.setattr(H, "_time_us", time_once)
+    doc = H.measure(number=1)
+    ops = [r["op"] for r in doc["rows"]]
+    assert ops == list(H.CALLS_PER_STEP) + ["model"], ops
+    want = []
+    for op in H.CALLS_PER_STEP:
+        name = _op_name(op)
+        want += [[("ours", name, True)], [("ours", name, False)], [("ref", name, True)]]
+    assert timed == want

@@ -597,14 +597,16 @@ def test_attention_qkv_reference_is_the_model_s_old_path(device):
         assert torch.equal(a, b)
 
 
-def test_attention_qkv_strided_qkv_and_fast_path(device):
-    """A qkv that is itself a strided view (every other row of a bigger buffer) and the eager fast path vs the
-    custom op: bitwise equal, and the fast path is the one taken."""
+@pytest.mark.parametrize("start", [0, 1], ids=["offset0", "offset"])
+def test_attention_qkv_strided_qkv_and_fast_path(start, device):
+    """A qkv that is itself a strided view (every other row of a bigger buffer, from row `start`: a storage
+    offset, as is dy's) and the eager fast path vs the custom op: bitwise equal, and the fast path is the one
+    taken."""
     from kernels import _eager
 
     big = torch.randn(2, 40, 3 * 64, device=device).to(torch.float16)
-    qkv, dy = big[:, ::2], torch.randn(2, 20, 64, device=device).to(torch.float16)
-    assert not qkv.is_contiguous()
+    qkv, dy = big[:, start::2], torch.randn(2, 21, 64, device=device).to(torch.float16)[:, start:start + 20]
+    assert not qkv.is_contiguous() and qkv.storage_offset() == 3 * dy.storage_offset() == start * 3 * 64
     leaf = qkv.detach().requires_grad_()
     assert type(A.attention_qkv(leaf, 2).grad_fn).__name__.startswith("_EagerAttentionQKV")
     fast = _run_qkv(lambda t: A.attention_qkv(t, 2), qkv, dy)

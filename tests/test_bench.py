@@ -970,7 +970,7 @@ def test_host_overhead_calls_per_step_are_the_model_s(monkeypatch):
 def test_host_overhead_times_our_op_and_its_reference(monkeypatch):
     """measure() has one row per CALLS_PER_STEP entry (plus the model's), and each row times our op through the
     fast path, then through the custom op, then the reference op: checked by calling each timed function once
-    (kernels not stubbed: the interpreter runs them on the tiny inputs) and recording which op it called."""
+    and recording which op it called. Its kernel stubs and loss-row setting are undone after the test."""
     from bench import host_overhead as H
     from kernels import _eager
     from kernels import attention as at
@@ -983,9 +983,20 @@ def test_host_overhead_times_our_op_and_its_reference(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(_eager, "ENABLED", True)
-    monkeypatch.setattr(kernels, "set_loss_row_checks", lambda enabled: True)
+    import kernels.classifier
+    import kernels.linear_cross_entropy
+
+    for mod in (kernels.classifier, kernels.linear_cross_entropy):
+        monkeypatch.setattr(mod, "CHECK_ROWS", mod.CHECK_ROWS)  # measure() turns them off: restored after
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
-    monkeypatch.setattr(H, "_stub_kernels", lambda modules: 1)
+    stub_kernels = H._stub_kernels
+
+    def undoable_stubs(modules):
+        for mod in modules:
+            for name, obj in list(vars(mod).items()):
+                monkeypatch.setattr(mod, name, obj)  # the kernel objects measure() replaces come back after
+        return stub_kernels(modules)
+    monkeypatch.setattr(H, "_stub_kernels", undoable_stubs)
     monkeypatch.setattr(H, "_model_row", lambda torch, _eager, number: {"op": "model"})
     calls, depth = [], [0]
 

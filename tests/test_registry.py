@@ -126,19 +126,20 @@ def test_default_spec_is_torch():
     ops = get_ops()
     assert set(ops.backends.values()) == {"torch"} and not ops.explicit
     assert ops.gelu is reference.gelu and ops.add_layer_norm is reference.add_layer_norm
+    assert ops.attention_qkv is reference.attention_qkv
 
 
 def test_triton_spec_is_triton_for_every_op():
     """"triton" must give triton's own function for every op (no op quietly mapped to the reference), and
-    LayerNorm's companion add_layer_norm from the same backend module."""
-    from kernels import layernorm
+    the companions from the same backend modules (add_layer_norm of layer_norm, attention_qkv of attention)."""
+    from kernels import attention, layernorm
 
     ops, want = get_ops("triton"), _triton_impls()
     assert set(ops.backends.values()) == {"triton"}
     for op in kernels.OPS:
         assert getattr(ops, op) is want[op], op
         assert getattr(ops, op) is not getattr(reference, op), op
-    assert ops.add_layer_norm is layernorm.add_layer_norm
+    assert ops.add_layer_norm is layernorm.add_layer_norm and ops.attention_qkv is attention.attention_qkv
     assert not ops.fused_classifier  # the default backend alone never asks for the fused classifier
     assert get_ops("triton,linear_cross_entropy=triton").fused_classifier
 
@@ -153,15 +154,19 @@ def test_an_override_changes_its_op_only(op):
 
 
 def test_override_resolves_that_op_and_its_companion_only():
-    from kernels import layernorm
+    from kernels import attention, layernorm
 
     want = _triton_impls()
     ops = get_ops("torch,gelu=triton")
     assert ops.gelu is want["gelu"] and ops.layer_norm is reference.layer_norm
-    assert ops.add_layer_norm is reference.add_layer_norm
+    assert ops.add_layer_norm is reference.add_layer_norm and ops.attention_qkv is reference.attention_qkv
     ops = get_ops("torch,layer_norm=triton")
     assert ops.layer_norm is want["layer_norm"] and ops.add_layer_norm is layernorm.add_layer_norm
     assert ops.gelu is reference.gelu and ops.attention is reference.attention
+    assert ops.attention_qkv is reference.attention_qkv
+    ops = get_ops("torch,attention=triton")
+    assert ops.attention is want["attention"] and ops.attention_qkv is attention.attention_qkv
+    assert ops.add_layer_norm is reference.add_layer_norm
 
 
 def test_spec_whitespace_is_ignored_names_are_exact():

@@ -196,6 +196,19 @@ def test_autotune_configs_rescale_the_tables(block_c):
         assert sorted(fwd) == sorted(ln.FWD_TUNE) and sorted(bwd) == sorted(ln.BWD_TUNE)
 
 
+def test_autotune_applies_from_the_threshold_and_tunes_each_kernel_variant_apart(monkeypatch):
+    """Autotuned: CUDA tensors of at least AUTOTUNE_MIN_ELEMENTS (GPT-2's 16384 x 768 is over it), unless
+    GPT2K_LN_AUTOTUNE=0 turned AUTOTUNE off. Each autotuner keys on C, the row bucket and the kernel's
+    variant flags (with a residual / ds / the narrow gradient: different kernels, each tuned for itself)."""
+    cuda, cpu = type("T", (), {"is_cuda": True})(), type("T", (), {"is_cuda": False})()
+    limit = ln.AUTOTUNE_MIN_ELEMENTS
+    assert ln._autotuned(cuda, limit // 1024, 1024) and not ln._autotuned(cuda, limit // 1024 - 1, 1024)
+    assert ln._autotuned(cuda, 16384, 768) and not ln._autotuned(cpu, 16384, 768)
+    monkeypatch.setattr(ln, "AUTOTUNE", False)
+    assert not ln._autotuned(cuda, 16384, 768)
+    assert ln._layer_norm_fwd_tuned.keys == ["C", "ROWS_BUCKET", "HAS_RESIDUAL"]
+    assert ln._layer_norm_bwd_tuned.keys == ["C", "ROWS_BUCKET", "HAS_DS", "HAS_DR"]
+
 @pytest.mark.parametrize("C", [40, 768])
 def test_every_autotune_config_is_correct(C, device):
     """Whatever the autotuner picks on a GPU must be right: every forward and backward config of the tables,
@@ -221,15 +234,18 @@ def test_every_autotune_config_is_correct(C, device):
 
 @pytest.mark.skipif(not INTERPRET, reason="drives triton.autotune with a stand-in timer in the interpreter")
 @pytest.mark.parametrize("add", [False, True])
-def test_autotuned_launch_path(add, monkeypatch):
+@pytest.mark.parametrize("winner", ["last", "first"])
+def test_autotuned_launch_path(add, winner, monkeypatch):
     """The GPU's autotuned launches, run in the interpreter: the real triton.autotune objects, their prune hook
     (tables rescaled to BLOCK_C), a stand-in benchmark that runs each config once (as the real one does,
-    each writing its own rows of the shared partial-sum buffer) and ranks the last one fastest: a config with
-    fewer programs than the buffer has rows, so summing rows the chosen launch did not write would be wrong.
-    Forward and backward must match the fixed launch's results, and a second call reuses the choice."""
-    C, N = 40, 203
+    each writing its own rows of the shared partial-sum buffer) and ranks the last one fastest (C = 40: a
+    backward config with fewer programs than the buffer has rows, so summing rows the chosen launch did not
+    write would be wrong) or the first (C = 768: one row per tile, so a grid not taken from the chosen config
+    would leave rows out). Each launch's grid is the chosen config's; forward and backward match the fixed
+    launch's results, and a second call reuses the choice."""
+    C, N = (40, 203) if winner == "last" else (768, 203)
     sms = 2
-    block_c = 64
+    block_c = 1 << (C - 1).bit_length()
     monkeypatch.setattr(ln, "_autotuned", lambda x, n, c: True)
     monkeypatch.setattr(ln, "_sm_count", lambda device: sms)
     benched = []
@@ -239,12 +255,27 @@ def test_autotuned_launch_path(add, monkeypatch):
         def bench(fn, quantiles=None, benched=benched):
             fn()
             benched.append(1)
-            return [1000.0 - len(benched)] * 3  # later configs "faster": the last benchmarked one wins
+            # later configs "faster" (the last benchmarked wins), or slower (the first wins)
+            return [1000.0 + (len(benched) if winner == "first" else -len(benched))] * 3
         monkeypatch.setitem(tuner.__dict__, "do_bench", bench)
-    bwd_configs = ln._bwd_configs(block_c)
-    last = max(bwd_configs, key=lambda c: (c.kwargs["BLOCK_R"], c.num_warps, c.kwargs["STAGES"], c.kwargs["PER_SM"]))
-    chosen = ln._tuned_bwd_programs(last.kwargs, N, sms)
-    assert chosen < max(ln._tuned_bwd_programs(c.kwargs, N, sms) for c in bwd_configs)  # the case this test is about
+    grids = {}
+    for name in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"):
+        kernel = getattr(ln, name)
+        run_ = kernel.run
+
+        def spy(*args, grid, name=name, run_=run_, **kwargs):
+            grids[name] = grid(kwargs) if callable(grid) else grid
+            return run_(*args, grid=grid, **kwargs)
+        monkeypatch.setattr(kernel, "run", spy)
+    key = lambda c: (c.kwargs["BLOCK_R"], c.num_warps, c.kwargs.get("STAGES", 0), c.kwargs.get("PER_SM", 0))  # noqa: E731
+    pick = max if winner == "last" else min  # configs are benchmarked in sorted order
+    bwd_configs, fwd_best = ln._bwd_configs(block_c), pick(ln._fwd_configs(block_c), key=key)
+    best = pick(bwd_configs, key=key)
+    chosen = ln._tuned_bwd_programs(best.kwargs, N, sms)
+    if winner == "last":
+        assert chosen < max(ln._tuned_bwd_programs(c.kwargs, N, sms) for c in bwd_configs)  # the case at issue
+    else:
+        assert fwd_best.kwargs["BLOCK_R"] == best.kwargs["BLOCK_R"] == 1  # the case at issue
 
     x, w, b = _inputs((N, C), torch.float32)
     r = torch.randn(N, C).to(torch.bfloat16)
@@ -254,7 +285,11 @@ def test_autotuned_launch_path(add, monkeypatch):
         return check_add(x, r, w, b) if add else check(x, w, b)
     tuned = run()
     assert len(benched) == len(ln._fwd_configs(block_c)) + len(bwd_configs)
-    assert ln._layer_norm_bwd_tuned.best_config.kwargs == last.kwargs
+    assert ln._layer_norm_bwd_tuned.best_config.kwargs == best.kwargs
+    assert ln._layer_norm_fwd_tuned.best_config.kwargs == fwd_best.kwargs
+    tiles = -(-N // best.kwargs["BLOCK_R"])  # the chosen configs' grids, computed here from their parameters
+    assert grids["_layer_norm_fwd_kernel"] == (-(-N // fwd_best.kwargs["BLOCK_R"]),)
+    assert grids["_layer_norm_bwd_kernel"] == (-(-tiles // -(-tiles // (best.kwargs["PER_SM"] * sms))),)
     n = len(benched)
     again = run()
     assert len(benched) == n  # the cached choice: no second tuning

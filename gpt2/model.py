@@ -24,8 +24,8 @@ Generation (`model.generate`, `model.generate_stream`): a KV cache keeps every l
 values, so each new token costs one position. The cached path reuses `ops.layer_norm` and
 `ops.gelu`, but attention goes through torch's SDPA with an explicit offset causal mask (a query at
 absolute position p sees keys 0..p; SDPA's `is_causal` aligns the mask top-left, which is wrong when
-the queries start at an offset). Training never touches that path: `forward` is unchanged and its
-attention is `ops.attention`. Generation stops at block_size with a clear error (no sliding window:
+the queries start at an offset). Training never touches that path: its
+attention is `ops.attention_qkv`. Generation stops at block_size with a clear error (no sliding window:
 the learned position embeddings would make a window re-encode the whole prefix every step).
 """
 import json

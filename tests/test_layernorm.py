@@ -258,15 +258,16 @@ def test_autotuned_launch_path(add, winner, monkeypatch):
             # later configs "faster" (the last benchmarked wins), or slower (the first wins)
             return [1000.0 + (len(benched) if winner == "first" else -len(benched))] * 3
         monkeypatch.setitem(tuner.__dict__, "do_bench", bench)
-    grids = {}
-    for name in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel"):
-        kernel = getattr(ln, name)
-        run_ = kernel.run
+    grids = {}  # the last launch's grid per kernel, recorded on the class (an instance attribute would outlive
+    names = {id(getattr(ln, n)): n for n in ("_layer_norm_fwd_kernel", "_layer_norm_bwd_kernel")}  # the undo)
+    cls = type(ln._layer_norm_fwd_kernel)
+    run_ = cls.run
 
-        def spy(*args, grid, name=name, run_=run_, **kwargs):
-            grids[name] = grid(kwargs) if callable(grid) else grid
-            return run_(*args, grid=grid, **kwargs)
-        monkeypatch.setattr(kernel, "run", spy)
+    def spy(self, *args, grid, **kwargs):
+        if id(self) in names:
+            grids[names[id(self)]] = grid(kwargs) if callable(grid) else grid
+        return run_(self, *args, grid=grid, **kwargs)
+    monkeypatch.setattr(cls, "run", spy)
     key = lambda c: (c.kwargs["BLOCK_R"], c.num_warps, c.kwargs.get("STAGES", 0), c.kwargs.get("PER_SM", 0))  # noqa: E731
     pick = max if winner == "last" else min  # configs are benchmarked in sorted order
     bwd_configs, fwd_best = ln._bwd_configs(block_c), pick(ln._fwd_configs(block_c), key=key)

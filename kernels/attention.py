@@ -461,7 +461,7 @@ def _check(q, k, v, fake=False):
     check_devices("attention", q, k, v, meta_ok=fake)
     dev = q.device
     T, D = q.shape[2], q.shape[3]
-    if T * D + D >= _INT32_ROWS:
+    if not _rows_fit(T, D, D):
         raise ValueError(f"attention (triton): T = {T} is too long at D = {D}: one (batch, head) slice must hold "
                          f"fewer than 2^31 elements (the kernels' row offsets are int32)")
     if not fake and dev.type == "cpu" and q.dtype == torch.bfloat16 and _interpreter_bf16_dot_error():
@@ -488,6 +488,11 @@ def _check_bwd(do, q, k, v, o, lse, fake=False):
 # = D; _check rejects a T for which even that overflows), such an output is allocated that way (_like).
 _INT32_ROWS = 2**31
 
+
+def _rows_fit(T, stride_t, D):
+    """Whether T rows stride_t elements apart, D wide, lie within the kernels' int32 row offsets."""
+    return T * stride_t + D < _INT32_ROWS
+
 # CUDA caps gridDim.y, where every launch puts its (batch, head) pairs, at 65535 (Triton passes the grid on
 # unchecked): a bigger B * H is launched in chunks of the batch (or of the heads, when H alone is bigger).
 MAX_GRID_Y = 65535
@@ -501,7 +506,7 @@ def _kernel_layout(t):
     if stride_d != 1 and D != 1:
         t = t.contiguous()
         stride_t = t.stride(2)
-    if T * stride_t + D >= _INT32_ROWS:  # not .contiguous(): at T = 1 it would keep the stride
+    if not _rows_fit(T, stride_t, D):  # not .contiguous(): at T = 1 it would keep the stride
         t = torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
     return t
 
@@ -512,7 +517,7 @@ def _like(t):
     int32 offsets (T * H * D + D < 2^31), else contiguous. Explicit, not empty_like: for a non-dense view
     empty_like's layout is not guaranteed."""
     B, H, T, D = t.shape
-    if H > 1 and T > 1 and t.stride(2) > t.stride(1) and T * H * D + D < _INT32_ROWS:
+    if H > 1 and T > 1 and t.stride(2) > t.stride(1) and _rows_fit(T, H * D, D):
         return torch.empty((B, T, H, D), dtype=t.dtype, device=t.device).transpose(1, 2)
     return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
@@ -680,7 +685,7 @@ def _qkv_backward_launch(dy, qkv, y, lse, n_head):
     do, o = _kernel_layout(_heads(dy, n_head)), _kernel_layout(_heads(y, n_head))
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     slices = _split_heads(dqkv, n_head)
-    if _kernel_layout(slices[0]) is slices[0]:  # rows within int32 offsets: the kernels write dqkv in place
+    if _rows_fit(qkv.shape[1], dqkv.stride(1), q.shape[3]):  # the kernels write dqkv in place
         _backward_into(do, q, k, v, o, lse, *slices)
     else:  # T * 3C too large for the kernels' int32 row offsets: separate outputs, then one copy
         grads = (_like(q), _like(k), _like(v))

@@ -303,7 +303,13 @@ def _check_add(x, residual, weight, bias, out_dtype=None):
                          "they must be equal (no broadcasting)")
 
 
-def _check_bwd(dy, x, weight, mean, rstd, ds=None):
+def _check_bwd(dy, x, weight, mean, rstd, ds=None, narrow_dtype=None, op="layer_norm_bwd", fake=False):
+    """The backward ops' checks, also run by their fake implementations (fake=True: meta tensors are fine;
+    the dispatcher also sends them a meta tensor among CPU ones, which must raise). narrow_dtype:
+    add_layer_norm_bwd's."""
+    if narrow_dtype is not None and narrow_dtype not in DTYPES:
+        raise TypeError(f"{op} (triton): narrow_dtype {narrow_dtype} not supported; supported: float32, "
+                        "bfloat16, float16")
     if ds is not None and (ds.shape != x.shape or ds.dtype not in DTYPES):
         raise ValueError(f"layer_norm_bwd (triton): ds {tuple(ds.shape)} {ds.dtype} must have x's shape "
                          f"{tuple(x.shape)} and a dtype in float32, bfloat16, float16")
@@ -315,6 +321,7 @@ def _check_bwd(dy, x, weight, mean, rstd, ds=None):
         if t.shape != x.shape[:-1] or t.dtype != torch.float32:
             raise ValueError(f"layer_norm_bwd (triton): {name} {tuple(t.shape)} {t.dtype} must be float32 of "
                              f"shape {tuple(x.shape[:-1])} (as layer_norm_fwd returns it)")
+    check_devices(op, dy, x, weight, mean, rstd, *(() if ds is None else (ds,)), meta_ok=fake)
 
 
 def _rows(t):
@@ -430,14 +437,12 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean
     reaching x by another path (add_layer_norm's s output): dx = its sum with the LayerNorm's. One output for
     both parameter gradients: they come from one reduction, and an op's outputs may not alias each other."""
     _check_bwd(dy, x, weight, mean, rstd, ds)
-    check_devices("layer_norm_bwd", dy, x, weight, mean, rstd, *(() if ds is None else (ds,)))
     return _backward_launch(dy, x, weight, mean, rstd, ds)
 
 
 @layer_norm_bwd.register_fake
 def _(dy, x, weight, mean, rstd, ds=None):
-    _check_bwd(dy, x, weight, mean, rstd, ds)
-    check_devices("layer_norm_bwd", dy, x, weight, mean, rstd, *(() if ds is None else (ds,)), meta_ok=True)
+    _check_bwd(dy, x, weight, mean, rstd, ds, fake=True)
     return x.new_empty(x.shape), x.new_empty((2, x.shape[-1]), dtype=torch.float32)
 
 
@@ -475,25 +480,15 @@ def add_layer_norm_bwd(dy: torch.Tensor, s: torch.Tensor, weight: torch.Tensor, 
     """layer_norm_bwd for add_layer_norm whose x and residual differ in dtype (the model's fp32 stream + a
     bf16 branch): -> (dsum in s's dtype, dsum in narrow_dtype, (2, C) fp32 dweight / dbias), both copies of
     the gradient written by the one kernel (no cast kernel reading dsum again afterwards)."""
-    _check_bwd(dy, s, weight, mean, rstd, ds)
-    _check_narrow(narrow_dtype)
-    check_devices("add_layer_norm_bwd", dy, s, weight, mean, rstd, *(() if ds is None else (ds,)))
+    _check_bwd(dy, s, weight, mean, rstd, ds, narrow_dtype, "add_layer_norm_bwd")
     return _backward_launch(dy, s, weight, mean, rstd, ds, narrow_dtype)
 
 
 @add_layer_norm_bwd.register_fake
 def _(dy, s, weight, mean, rstd, ds, narrow_dtype):
-    _check_bwd(dy, s, weight, mean, rstd, ds)
-    _check_narrow(narrow_dtype)
-    check_devices("add_layer_norm_bwd", dy, s, weight, mean, rstd, *(() if ds is None else (ds,)), meta_ok=True)
+    _check_bwd(dy, s, weight, mean, rstd, ds, narrow_dtype, "add_layer_norm_bwd", fake=True)
     return s.new_empty(s.shape), s.new_empty(s.shape, dtype=narrow_dtype), s.new_empty((2, s.shape[-1]),
                                                                                       dtype=torch.float32)
-
-
-def _check_narrow(dtype):
-    if dtype not in DTYPES:
-        raise TypeError(f"add_layer_norm_bwd (triton): narrow_dtype {dtype} not supported; supported: float32, "
-                        "bfloat16, float16")
 
 
 def _add_backward(ctx, ds, dy, _dmean, _drstd, bwd=layer_norm_bwd, bwd_narrow=add_layer_norm_bwd):
@@ -503,9 +498,9 @@ def _add_backward(ctx, ds, dy, _dmean, _drstd, bwd=layer_norm_bwd, bwd_narrow=ad
     if dy is None:  # only s was used: the LayerNorm's part is zero (ds None, only y used: the kernel skips it)
         dy = torch.zeros_like(s)
     x_dtype, r_dtype, b_dtype = ctx.dtypes
-    need = dict(zip((x_dtype, r_dtype), ctx.needs_input_grad[:2])) if x_dtype != r_dtype else {}
+    need_x, need_r = ctx.needs_input_grad[:2]
     # s has the wider dtype (fp32 for fp16 + bf16); a narrower input that needs its gradient gets it from the kernel
-    narrow = next((t for t in (r_dtype, x_dtype) if t != s.dtype and need.get(t)), None)
+    narrow = r_dtype if need_r and r_dtype != s.dtype else x_dtype if need_x and x_dtype != s.dtype else None
     if narrow is None:
         (dsum, dwb), dnarrow = bwd(dy, s, weight, mean, rstd, ds), None
     else:
@@ -515,8 +510,7 @@ def _add_backward(ctx, ds, dy, _dmean, _drstd, bwd=layer_norm_bwd, bwd_narrow=ad
         if not needed:
             return None
         return dsum if dtype == s.dtype else dnarrow if dtype == narrow else dsum.to(dtype)
-    return (grad(x_dtype, ctx.needs_input_grad[0]), grad(r_dtype, ctx.needs_input_grad[1]),
-            dwb[0].to(weight.dtype), dwb[1].to(b_dtype), None, None)
+    return grad(x_dtype, need_x), grad(r_dtype, need_r), dwb[0].to(weight.dtype), dwb[1].to(b_dtype), None, None
 
 
 add_layer_norm_fwd.register_autograd(_add_backward, setup_context=_add_setup_context)
@@ -576,7 +570,7 @@ def compile_specs():
         bwd = [{**fixed, "STAGES": BWD_STAGES, "PER_SM": BWD_PROGRAMS_PER_SM}]
         bwd += [{**c.kwargs, "num_warps": c.num_warps} for c in _bwd_configs(block_c)] if tuned else []
         for i, cfg in enumerate(fwd):
-            if i and cfg == {**fixed}:
+            if i and cfg == fwd[0]:
                 continue  # the fixed launch is also an autotune config: compiled once
             warps = cfg["num_warps"]
             specs.append(AotSpec(

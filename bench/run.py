@@ -741,8 +741,9 @@ def triton_modules(ops=None):
 
 
 def static_problems(row):
-    """(failures, warnings) of one compile row: a spill, a shared-memory overflow or a failed compile
-    fail `--static`; no 128-bit loads where expected is a warning."""
+    """(failures, warnings) of one compile row: a spill, a shared-memory overflow, a matmul kernel off its
+    tensor-core path (AotSpec.mma) or a failed compile fail `--static`; no 128-bit loads where expected is
+    a warning."""
     if row.get("error"):
         lines = row["error"].strip().splitlines() or ["?"]
         return [f"compile failed: {lines[0][:200]}" + (f" ... {lines[-1][:300]}" if len(lines) > 1 else "")], []
@@ -752,6 +753,9 @@ def static_problems(row):
     limit = row.get("shared_limit") or _SHARED_LIMIT.get(row.get("arch"))
     if limit and row.get("shared_bytes", 0) > limit:
         fails.append(f"shared memory {row['shared_bytes']} B > limit {limit} B")
+    from kernels._triton_utils import mma_problems
+
+    fails += mma_problems(row)  # a matmul kernel off the tensor-core path it should take
     warns = []
     if row.get("expect_ld128") and row.get("ld128") == 0:
         warns.append("no 128-bit global loads")
@@ -761,13 +765,19 @@ def static_problems(row):
 _SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
 
+def _mma_cell(row):
+    """The static table's MMA column: the tensor-core instructions in a matmul kernel's PTX."""
+    counts = [f"{n} {k}" for k, n in (("wgmma", row.get("wgmma")), ("mma.sync", row.get("mma_sync"))) if n]
+    return ", ".join(counts) or ("none" if row.get("expect_mma") else "-")
+
+
 def run_static(args):
     from kernels import _triton_utils
 
     failures = []
     existing, drivers, missing = triton_modules(args.ops)
     print("## Static report (no GPU): AOT compile for sm_80 / sm_90\n")
-    print("| module | kernel | arch | regs | spill B | shared B | 128-bit loads | status |\n|---|---|---|---|---|---|---|---|")
+    print("| module | kernel | arch | regs | spill B | shared B | 128-bit loads | MMA | status |\n|---|---|---|---|---|---|---|---|---|")
     t_rows = []
     for m in existing:
         try:
@@ -778,21 +788,21 @@ def run_static(args):
             r["module"] = m
         t_rows += rows
     for m in missing:
-        print(f"| {m} | - | - | | | | | missing (not written yet; not a failure) |")
+        print(f"| {m} | - | - | | | | | | missing (not written yet; not a failure) |")
     for m in drivers:
-        print(f"| {m} | - | - | | | | | no @triton.jit kernels of its own (drives other modules' kernels) |")
+        print(f"| {m} | - | - | | | | | | no @triton.jit kernels of its own (drives other modules' kernels) |")
     if not args.ops or args.ops & {"cross_entropy", "linear_cross_entropy"}:
         t_rows += _cuda_rows()
     for r in t_rows:
         if r.get("status") == "missing":
-            print(f"| {r['module']} | - | - | | | | | missing: {report._short(r['reason'])} |")
+            print(f"| {r['module']} | - | - | | | | | | missing: {report._short(r['reason'])} |")
             continue
         fails, warns = static_problems(r)
         failures += [f"{r['module']} {r.get('name')} {r.get('arch')}: {f}" for f in fails]
         status = "FAIL: " + "; ".join(fails) if fails else ("warn: " + "; ".join(warns) if warns else "ok")
         ld = r.get("ld128")
         print(f"| {r['module']} | {r.get('name')} | {r.get('arch')} | {r.get('registers', '-')} | {r.get('spill_bytes', '-')} "
-              f"| {r.get('shared_bytes', '-')} | {'-' if ld is None else ld} | {report._short(status, 200)} |")
+              f"| {r.get('shared_bytes', '-')} | {'-' if ld is None else ld} | {_mma_cell(r)} | {report._short(status, 200)} |")
 
     print("\n## IO audit (Triton interpreter, 256 x 768-like shapes)\n")
     from bench import io_audit
@@ -825,10 +835,12 @@ def run_static(args):
     if args.out:
         print(f"\nwrote {write_doc(doc, args.out, 'static')}")
     if failures:
-        print(f"\nFAILED: {len(failures)} kernel(s) spill, overflow shared memory or do not compile:")
+        print(f"\nFAILED: {len(failures)} kernel(s) spill, overflow shared memory, miss their tensor-core path "
+              "or do not compile:")
         print("\n".join(f"  - {f}" for f in failures))
         return 1
-    print(f"\nstatic report ok: {len(t_rows)} compile rows, no spills, shared memory within limits")
+    print(f"\nstatic report ok: {len(t_rows)} compile rows, no spills, shared memory within limits, "
+          "matmul kernels on tensor cores (wgmma on sm_90)")
     return 0
 
 

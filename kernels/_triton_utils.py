@@ -4,7 +4,9 @@ Each Triton kernel module defines `compile_specs()` -> list of `AotSpec` at GPT-
 report (`python bench/run.py --static`) and the compile tests run `aot_compile(spec, arch)` on each,
 which compiles with Triton's own compiler for `GPUTarget("cuda", arch, 32)`, then runs Triton's bundled
 `ptxas -v` on the PTX to read registers, spill bytes and the shared memory, and counts the 128-bit
-global loads in the PTX.
+global loads and the tensor-core instructions in the PTX: on sm_90 a `tl.dot` should become `wgmma`
+(Hopper's warpgroup MMA); the Ampere `mma.sync` it falls back to (small tiles, too few warps) runs at
+a fraction of the H100's tensor-core peak, and an FMA loop (no MMA at all) at far less.
 """
 import os
 import re
@@ -26,6 +28,9 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     expect_ld128: bool = True  # the main global loads should be 128-bit (memory-bound kernels)
+    # matmul kernels: "tensor_cores" = some MMA instruction (mma.sync or wgmma) on every arch; "wgmma" = also
+    # wgmma, not only mma.sync, on sm_90 and newer; "" = no rule (kernels without tl.dot)
+    mma: str = ""
     extra: dict = field(default_factory=dict)
 
 
@@ -71,7 +76,28 @@ def aot_compile(spec, arch):
         + len(re.findall(r"cp\.async(?:\.[\w:]+)*\.shared(?:::cta)?\.global(?:\.[\w:]+)*\s+\[[^]]*\],\s*\[[^]]*\],\s*(?:16|0x10)\b", ptx)),
         "ld_total": len(re.findall(r"ld\.global", ptx)) + len(re.findall(r"cp\.async(?:\.[\w:]+)*\.shared(?:::cta)?\.global", ptx)),
         "expect_ld128": spec.expect_ld128, "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+        # tensor-core instructions: Hopper's warpgroup MMA, and the Ampere-style warp MMA
+        "wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)), "mma_sync": len(re.findall(r"\bmma\.sync\b", ptx)),
+        "expect_mma": _expected_mma(spec.mma, arch),
     }
+
+
+def _expected_mma(rule, arch):
+    """What check_report requires of a row's tensor-core instructions: "wgmma", "tensor_cores" or ""."""
+    if rule not in ("", "tensor_cores", "wgmma"):
+        raise ValueError(f"AotSpec.mma must be '', 'tensor_cores' or 'wgmma', got {rule!r}")
+    return "tensor_cores" if rule == "wgmma" and arch < 90 else rule
+
+
+def mma_problems(row):
+    """The tensor-core rule of one row (empty list = fine, or no rule)."""
+    want, wgmma, sync = row.get("expect_mma", ""), row.get("wgmma", 0), row.get("mma_sync", 0)
+    if want == "wgmma" and not wgmma:
+        return [f"no wgmma on {row.get('arch')} (tl.dot compiled to " + (f"{sync} mma.sync" if sync else "no MMA at all")
+                + ": not Hopper's tensor-core path)"]
+    if want == "tensor_cores" and not (wgmma or sync):
+        return [f"no tensor-core MMA instruction on {row.get('arch')} (tl.dot compiled to FMA)"]
+    return []
 
 
 def check_report(row):
@@ -83,7 +109,7 @@ def check_report(row):
         problems.append(f"shared memory {row['shared_bytes']} > {row['shared_limit']}")
     if row["expect_ld128"] and row["ld128"] == 0:
         problems.append("no 128-bit global loads")
-    return problems
+    return problems + mma_problems(row)
 
 
 def with_int_one(spec, arg):
@@ -93,7 +119,7 @@ def with_int_one(spec, arg):
     sig, consts = dict(spec.signature), dict(spec.constexprs)
     sig[arg], consts[arg] = "constexpr", 1
     return AotSpec(f"{spec.name} [{arg}=1]", spec.fn, sig, consts, tuple(a for a in spec.aligned if a != arg),
-                   spec.num_warps, spec.num_stages, spec.expect_ld128, spec.extra)
+                   spec.num_warps, spec.num_stages, spec.expect_ld128, spec.mma, spec.extra)
 
 
 def static_report(modules, archs=(80, 90), int_ones=False):

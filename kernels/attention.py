@@ -53,6 +53,10 @@ Eager calls: attention() runs the two ops' own Python implementations under a to
 
 Test: pytest tests/test_attention.py (interpreter on CPU, real kernel and bf16 on a GPU).
 Benchmark: python bench/run.py (attention); static report: compile_specs() via kernels/_triton_utils.py.
+  It also checks the tensor-core instructions in the PTX: on sm_90 every autotune config's dots compile to
+  wgmma (Hopper's warpgroup MMA, e.g. 16 in the forward at 128 x 64 tiles, none left as mma.sync); only
+  the small fallback tiles take Ampere's mma.sync there (the dK/dV 16 x 32, the dQ 32 x 16), which is
+  allowed; on sm_80 everything is mma.sync. A config that lost wgmma fails the report.
 On a GPU each kernel is autotuned (configs and prune function below) per (next power of two of T, D, dtype),
 the choice cached on disk (Triton's cache_results: later processes on the machine reuse it, so a resumed run
 computes with the same tiles, hence the same bits); in the interpreter each uses one fixed small config
@@ -772,7 +776,10 @@ def compile_specs():
                 signature={**sig, "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                            "DOT_PREC": "constexpr"},
                 constexprs={"HEAD_DIM": 64, "BLOCK_M": bm, "BLOCK_N": bn, "DOT_PREC": "tf32"},
-                aligned=aligned(sig), num_warps=warps, num_stages=stages))
+                aligned=aligned(sig), num_warps=warps, num_stages=stages,
+                # the configs the autotuner picks among must reach Hopper's wgmma on sm_90; the small fallback
+                # tiles (a card with little shared memory) must at least use tensor cores
+                mma="tensor_cores" if label else "wgmma"))
     specs.append(AotSpec(
         name=f"attention_bwd_preprocess bf16 D=64 T=1024 BLOCK_M={_PREPROCESS_BLOCK_M}", fn=_attn_bwd_preprocess_kernel,
         signature={**pre_sig, "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"},

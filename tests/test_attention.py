@@ -203,7 +203,8 @@ def test_empty_batch(device):
 
 def test_compiles_for_sm80_sm90_without_spills():
     """Every kept autotune config (and fallback config) of every kernel, at D=64, T=1024, bf16: zero spills,
-    shared memory fits."""
+    shared memory fits, and the dots on tensor cores: wgmma on sm_90 for every autotune config (AotSpec.mma),
+    mma.sync on sm_80."""
     from concurrent.futures import ThreadPoolExecutor
 
     from kernels import attention as mod

@@ -310,13 +310,19 @@ ROW = {"name": "k", "arch": "sm_90", "registers": 64, "spill_bytes": 0, "shared_
     ({"shared_bytes": 228 * 1024}, 1, 0),
     ({"ld128": 0}, 0, 1),
     ({"error": "CompilationError: boom"}, 1, 0),
+    ({"expect_mma": "wgmma", "wgmma": 16}, 0, 0),
+    ({"expect_mma": "wgmma", "mma_sync": 48}, 1, 0),  # a matmul kernel on Ampere's path on an H100
+    ({"expect_mma": "tensor_cores", "mma_sync": 48}, 0, 0),
+    ({"expect_mma": "tensor_cores"}, 1, 0),  # tl.dot as FMA
+    ({"mma_sync": 0, "wgmma": 0}, 0, 0),  # no rule: not a matmul kernel
 ])
 def test_static_rule(change, fails, warns):
     f, w = run.static_problems({**ROW, **change})
     assert (len(f), len(w)) == (fails, warns)
 
 
-@pytest.mark.parametrize("row, code", [(ROW, 0), ({**ROW, "spill_bytes": 16}, 1), ({**ROW, "shared_bytes": 10**6}, 1)])
+@pytest.mark.parametrize("row, code", [(ROW, 0), ({**ROW, "spill_bytes": 16}, 1), ({**ROW, "shared_bytes": 10**6}, 1),
+                                       ({**ROW, "expect_mma": "wgmma", "mma_sync": 8}, 1)])
 def test_static_exits_nonzero_on_a_spill(monkeypatch, capsys, row, code):
     """The real run_static, with the compiler replaced by a synthetic report row."""
     from kernels import _triton_utils

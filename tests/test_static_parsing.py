@@ -142,6 +142,42 @@ def test_cache_qualified_vector_loads_count_as_128_bit(monkeypatch):
     assert cuda_ptx != PTX_80 and C._ptx_counts(cuda_ptx) == C._ptx_counts(PTX_80)
 
 
+MMA_SYNC = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, {%r1, %r2, %r3, %r4}, {%r5, %r6}, {%f1, %f2, %f3, %f4};\n"
+WGMMA = "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1, %f2}, %rd1, %rd2, p, 1, 1, 0, 1;\n"
+
+
+@pytest.mark.parametrize("body, arch, rule, want, problem", [
+    (WGMMA * 3 + "wgmma.fence.sync.aligned;\nwgmma.commit_group.sync.aligned;\n", 90, "wgmma", (3, 0), None),
+    (MMA_SYNC * 2, 90, "wgmma", (0, 2), "no wgmma on sm_90 (tl.dot compiled to 2 mma.sync"),
+    ("fma.rn.f32 %f1, %f2, %f3, %f1;\n", 90, "wgmma", (0, 0), "no MMA at all"),
+    (MMA_SYNC * 2, 80, "wgmma", (0, 2), None),  # sm_80 has no wgmma: mma.sync is its tensor-core path
+    ("fma.rn.f32 %f1, %f2, %f3, %f1;\n", 80, "wgmma", (0, 0), "compiled to FMA"),
+    (MMA_SYNC, 90, "tensor_cores", (0, 1), None),
+    ("fma.rn.f32 %f1, %f2, %f3, %f1;\n", 90, "tensor_cores", (0, 0), "compiled to FMA"),
+    ("fma.rn.f32 %f1, %f2, %f3, %f1;\n", 90, "", (0, 0), None),  # not a matmul kernel: no rule
+])
+def test_aot_compile_counts_tensor_core_instructions(monkeypatch, body, arch, rule, want, problem):
+    """wgmma (Hopper's warpgroup MMA) and mma.sync counted in the PTX; AotSpec.mma decides what a row needs:
+    wgmma on sm_90 and tensor cores of any kind on sm_80, tensor cores anywhere, or nothing."""
+    ptx = PTX_HEAD + "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n" + body + "}\n"
+    _fake_compile(monkeypatch, ptx, PTXAS_LOG.format(stack=0, st=0, ld=0, regs=128))
+    row = U.aot_compile(U.AotSpec("k", object(), SPEC.signature, SPEC.constexprs, SPEC.aligned, mma=rule), arch)
+    assert (row["wgmma"], row["mma_sync"]) == want
+    problems = U.check_report(row)
+    assert problems == [] if problem is None else (len(problems) == 1 and problem in problems[0]), problems
+
+
+def test_aot_spec_rejects_an_unknown_mma_rule(monkeypatch):
+    _fake_compile(monkeypatch, PTX_HEAD + "}\n", PTXAS_LOG.format(stack=0, st=0, ld=0, regs=32))
+    with pytest.raises(ValueError, match="AotSpec.mma must be"):
+        U.aot_compile(U.AotSpec("k", object(), SPEC.signature, SPEC.constexprs, mma="hopper"), 90)
+
+
+def test_with_int_one_keeps_the_mma_rule():
+    spec = U.AotSpec("k", object(), SPEC.signature, SPEC.constexprs, SPEC.aligned, mma="wgmma")
+    assert U.with_int_one(spec, "n").mma == "wgmma"
+
+
 def test_aot_compile_flags_shared_memory_over_the_arch_limit(monkeypatch):
     ptx = PTX_HEAD + "ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];\n}\n"
     _fake_compile(monkeypatch, ptx, PTXAS_LOG.format(stack=0, st=0, ld=0, regs=32), shared=200 * 1024)

@@ -221,8 +221,34 @@ def e2e_markdown(rows):
         vs = f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x" if base else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         mem = f"{r['peak_mem_bytes'] / 2**30:.2f}" if r.get("peak_mem_bytes") else "-"
-        out.append(f"| {r['name']} | {r['tokens_per_sec']:,.0f} | {vs} | {mfu} | {mem} | {r['loss']:.4f} | |")
+        note = f" profiled steps failed: {_short(r['profile_error'], 60)} " if r.get("profile_error") else " "
+        out.append(f"| {r['name']} | {r['tokens_per_sec']:,.0f} | {vs} | {mfu} | {mem} | {r['loss']:.4f} |{note}|")
+    profiled = [r for r in rows if r["status"] == "ok" and r.get("profile")]
+    if profiled:
+        out += ["", "**Where a step's time goes** (the profiled steps after the timed ones, gpt2/profile.py: device "
+                "time per kernel category in ms per step; GPU idle = the share of the step it waited for the host; "
+                "device-bound = tokens over the GPU's busy time)", "",
+                "| run | step ms | busy ms | GPU idle | device-bound tok/s | its MFU | kernels/step | "
+                + " | ".join(PROFILE_COLUMNS) + " | rest |", "|---" * (8 + len(PROFILE_COLUMNS)) + "|"]
+        for r in profiled:
+            out.append(profile_row(r["name"], r["profile"]))
     return "\n".join(out)
+
+
+PROFILE_COLUMNS = ("matmul", "attention", "layer_norm", "gelu", "cross_entropy", "optimizer", "inductor")
+
+
+def profile_row(name, p):
+    """One run's line of the e2e breakdown table (p: a gpt2/profile.py summary)."""
+    cats = p.get("categories", {})
+    ms = lambda c: f"{cats[c]['ms_per_step']:.2f}" if c in cats else "-"  # noqa: E731
+    rest = sum(v["ms_per_step"] for c, v in cats.items() if c not in PROFILE_COLUMNS)
+    busy, idle = p.get("device_busy_s"), p.get("device_idle_fraction")
+    rate, mfu = p.get("device_bound_tokens_per_sec"), p.get("device_bound_mfu")
+    return (f"| {name} | {1e3 * p['step_time_s']:.2f} | {'-' if busy is None else f'{1e3 * busy:.2f}'} | "
+            f"{'-' if idle is None else f'{100 * idle:.0f}%'} | {'-' if not rate else f'{rate:,.0f}'} | "
+            f"{'-' if not mfu else f'{100 * mfu:.1f}%'} | {p.get('kernels_per_step', 0):.0f} | "
+            + " | ".join(ms(c) for c in PROFILE_COLUMNS) + f" | {rest:.2f} |")
 
 
 def _short(text, n=100):

@@ -638,12 +638,14 @@ def run_e2e(args, runner=None):
     doc = {"schema": report.SCHEMA, "kind": "e2e", "env": env, "rows": [], "e2e": rows,
            "settings": {"model": "gpt2", "batch_size": args.e2e_batch, "seq_len": args.e2e_seq,
                         "total_batch_size": args.e2e_batch * args.e2e_seq, "steps": args.e2e_steps,
-                        "warmup_steps_excluded": args.e2e_warmup, "timeout_s": args.e2e_timeout,
+                        "warmup_steps_excluded": args.e2e_warmup, "profiled_steps": args.e2e_profile,
+                        "timeout_s": args.e2e_timeout,
                         "data": args.data, "planned": [n for n, _, _ in selected]}}
     out = Path(args.out or RESULTS)
     path = None
     print(f"# --e2e: {len(selected)} run(s) of {args.e2e_steps} steps (first {args.e2e_warmup} excluded), "
-          f"B={args.e2e_batch} T={args.e2e_seq}, timeout {args.e2e_timeout} s each", flush=True)
+          f"B={args.e2e_batch} T={args.e2e_seq}, then {args.e2e_profile} profiled step(s) (not timed), "
+          f"timeout {args.e2e_timeout} s each", flush=True)
     for name, spec, flags in selected:
         row = {"name": name, "spec": spec, "compile": "--compile" in flags, "flags": list(flags)}
         try:
@@ -676,8 +678,10 @@ def train_run(spec, flags, args, out, model="gpt2"):
     if out.exists():
         shutil.rmtree(out)
     B, T = args.e2e_batch, args.e2e_seq
+    profiled = getattr(args, "e2e_profile", 0)  # extra steps at the end, under the profiler (not timed)
     cmd = [sys.executable, "-m", "gpt2.train", "--model", model, "--kernels", spec, "--batch-size", str(B),
-           "--seq-len", str(T), "--total-batch-size", str(B * T), "--max-steps", str(args.e2e_steps),
+           "--seq-len", str(T), "--total-batch-size", str(B * T), "--max-steps", str(args.e2e_steps + profiled),
+           *(("--profile", str(profiled)) if profiled else ()),
            "--out", str(out), "--eval-every", "0", "--hellaswag-every", "0", "--sample-every", "0",
            "--sample-tokens", "0", "--checkpoint-every", "0", "--no-checkpoint", "--data", args.data, "--quiet",
            *flags]
@@ -688,26 +692,49 @@ def train_run(spec, flags, args, out, model="gpt2"):
         logged = ""
         if (out / "log.jsonl").exists():
             logged = f" ({len((out / 'log.jsonl').read_text().splitlines())} steps logged)"
-        return {"status": "error", "reason": f"timed out after {args.e2e_timeout} s{logged}: {' '.join(cmd)}",
-                "wall_s": float(args.e2e_timeout)}
+        failure = f"timed out after {args.e2e_timeout} s{logged}: {' '.join(cmd)}"
+        return _timed_steps_only(out, args, failure, float(args.e2e_timeout))
     wall = round(time.time() - t0, 1)
     if proc.returncode != 0:
         err = proc.stderr.strip().splitlines() or ["(no stderr)"]
-        return {"status": "error", "reason": f"exit {proc.returncode}: {err[-1]}\n" + "\n".join(err[-30:]), "wall_s": wall}
+        return _timed_steps_only(out, args, f"exit {proc.returncode}: {err[-1]}\n" + "\n".join(err[-30:]), wall)
     return {**summarize_log(out / "log.jsonl", args.e2e_warmup), "wall_s": wall}
 
 
-def summarize_log(path, warmup):
-    steps = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def _timed_steps_only(out, args, failure, wall):
+    """A run that failed or timed out: an error, unless every timed step was logged before it (the failure
+    came in the profiled steps after them, a diagnostic): then the run's row, with the failure noted."""
+    log = out / "log.jsonl"
+    timed = []
+    for line in (log.read_text().splitlines() if log.exists() else [])[:args.e2e_steps]:
+        try:
+            timed.append(json.loads(line))
+        except ValueError:  # a line cut short by the kill
+            break
+    if getattr(args, "e2e_profile", 0) and len(timed) == args.e2e_steps and not any(r.get("profiled") for r in timed):
+        return {**summarize_log(log, args.e2e_warmup, limit=args.e2e_steps), "wall_s": wall,
+                "profile_error": f"the profiled steps failed (the timed ones had finished): {failure}"[:2000]}
+    return {"status": "error", "reason": failure, "wall_s": wall}
+
+
+def summarize_log(path, warmup, limit=None):
+    """The medians of a run's log.jsonl after `warmup` steps, leaving out the profiled steps (the profiler slows
+    the host), with the profile of those (profile.json next to the log: gpt2/profile.py) when there is one.
+    limit: read only the first `limit` lines."""
+    steps = [json.loads(line) for line in Path(path).read_text().splitlines()[:limit] if line.strip()]
     steps = [s for s in steps if "tokens_per_sec" in s]
-    measured = steps[warmup:]
+    measured = [s for s in steps[warmup:] if not s.get("profiled")]
     if not measured:
         return {"status": "error", "reason": f"{path}: {len(steps)} steps logged, none after the {warmup} warm-up steps"}
     med = lambda k: statistics.median(s[k] for s in measured) if all(s.get(k) is not None for s in measured) else None  # noqa: E731
     peaks = [s["peak_mem_bytes"] for s in steps if s.get("peak_mem_bytes") is not None]
-    return {"status": "ok", "tokens_per_sec": med("tokens_per_sec"), "mfu": med("mfu"),
-            "step_time_s": med("step_time_s"), "peak_mem_bytes": max(peaks) if peaks else None,
-            "loss": steps[-1]["loss"], "steps": len(steps), "steps_measured": len(measured)}
+    row = {"status": "ok", "tokens_per_sec": med("tokens_per_sec"), "mfu": med("mfu"),
+           "step_time_s": med("step_time_s"), "peak_mem_bytes": max(peaks) if peaks else None,
+           "loss": steps[-1]["loss"], "steps": len(steps), "steps_measured": len(measured)}
+    profile = Path(path).with_name("profile.json")
+    if any(s.get("profiled") for s in steps) and profile.exists():
+        row["profile"] = json.loads(profile.read_text())
+    return row
 
 
 # ---- static report (no GPU) --------------------------------------------------------------------
@@ -989,6 +1016,9 @@ def parse_args(argv):
       "CUDA-graph capture)")
     a("--e2e-filter", default=None, help="regex on the run name (the spec and its trainer flags), e.g. '^triton', "
       "'compile' or 'cuda-graph|reduce-overhead'")
+    a("--e2e-profile", type=int, default=2, metavar="N",
+      help="after the timed steps, N more under the profiler (gpt2.train --profile): device time per kernel "
+           "category and the GPU's idle share per run, in the JSON and the table (0: off)")
     a("--e2e-batch", type=int, default=16, help="micro-batch; total batch = B * T (one micro-step per step)")
     a("--e2e-seq", type=int, default=1024)
     a("--e2e-timeout", type=int, default=300, help="seconds per training run")
@@ -1005,6 +1035,8 @@ def parse_args(argv):
         args.data = "shakespeare"
     if args.e2e_warmup >= args.e2e_steps:
         p.error("--e2e-warmup must be smaller than --e2e-steps")
+    if args.e2e_profile < 0:
+        p.error(f"--e2e-profile must be >= 0, got {args.e2e_profile}")
     return args
 
 

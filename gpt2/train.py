@@ -17,7 +17,8 @@ OUT/config.json (written at start): args, kernels, kernel_backends, world_size, 
 model_config, num_params, flops_per_token, peak_flops, device_name, torch_version, triton_version,
 resumed_from. OUT/log.jsonl: one JSON object per step with step, loss, lr, grad_norm, step_time_s,
 tokens_per_sec (global), mfu (fraction, null when the device's peak is unknown), peak_mem_bytes
-(null on CPU), and val_loss / hellaswag on the steps where they ran. OUT/ckpt_<step>.pt: model,
+(null on CPU), and val_loss / hellaswag on the steps where they ran; with --profile N the last N steps also
+say "profiled": true and OUT/profile.json holds their breakdown (gpt2/profile.py). OUT/ckpt_<step>.pt: model,
 optimizer, step, loader state, the RNG states of every rank, the config; written to a temp file and
 renamed, the last --keep-checkpoints kept. --resume from step s moves the run folder's checkpoints and log
 lines of later steps (an abandoned timeline, or steps after the last checkpoint) to OUT/abandoned_<n>/
@@ -42,6 +43,7 @@ import torch
 import kernels
 from gpt2 import data as gdata
 from gpt2 import flops
+from gpt2 import profile as gprofile
 from gpt2.model import GPT, GPTConfig
 
 
@@ -106,6 +108,10 @@ def build_parser():
     a("--resume", nargs="?", const="latest", default=None,
       help="continue a run: alone, from the latest checkpoint of --out (or of the newest folder in runs/); or a checkpoint file or run folder")
     a("--quiet", action="store_true", help="no per-step console line")
+    a("--profile", type=int, default=0, metavar="N",
+      help="profile the last N steps (gpt2/profile.py): device time per kernel category, the GPU's idle share, "
+           "the top host ops -> OUT/profile.json, OUT/trace.json.gz and a table at the end; their log lines say "
+           "'profiled' (the profiler slows the host). 0: off")
     return p
 
 
@@ -161,7 +167,7 @@ def resolve_defaults(args, device):
     if args.compile and args.compile_mode is None:
         args.compile_mode = "default"  # without --compile it stays None: no mode applies
     for name in ("eval_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_steps", "sample_tokens", "eval_tokens",
-                 "warmup_steps", "seed"):
+                 "warmup_steps", "seed", "profile"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("batch_size", "seq_len", "total_batch_size", "n_layer", "n_head", "n_embd", "block_size", "hellaswag_limit",
@@ -550,11 +556,17 @@ def _train(args, rank, world, device):
         if eval_note:
             say(eval_note)
 
+    if args.profile > args.max_steps - start:
+        raise UsageError(f"--profile {args.profile}: this run does only {args.max_steps - start} step(s) "
+                         f"(steps {start}..{args.max_steps}); profile at most that many")
+    profiler = gprofile.StepProfiler(device) if args.profile and master else None
     log = []
     last_ckpt = checkpoints(out)[-1] if master and checkpoints(out) else None
     enc = None
     model.train()
     for step in range(start, args.max_steps):
+        if profiler is not None and step == args.max_steps - args.profile:
+            profiler.start()  # the last --profile steps (gpt2/profile.py)
         t0 = time.perf_counter()
         lr = lr_at(step, args)
         for group in optimizer.param_groups:
@@ -590,6 +602,16 @@ def _train(args, rank, world, device):
                   "tokens_per_sec": tps, "mfu": flops.mfu(tps, fpt, peak, world),
                   "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
         last = done == args.max_steps
+        if profiler is not None and profiler.active:
+            record["profiled"] = True
+            profiler.step_done(dt)
+            if last:  # stopped before the last step's evaluations and checkpoint; printed after its log line
+                try:
+                    profiled = gprofile.table(profiler.finish(
+                        out, tokens_per_step=args.total_batch_size // world, flops_per_token=fpt, peak_flops=peak,
+                        note=_profile_note(args, start)))
+                except Exception as e:  # diagnostics: a profiler failure is reported, the run itself goes on
+                    profiled = f"warning: --profile failed, no profile.json ({type(e).__name__}: {e})"
         if val_loader is not None and (done % args.eval_every == 0 or last):
             record["val_loss"] = evaluate_loss(evaluator, val_loader, eval_steps, device, autocast, world)
         if args.hellaswag_every and (done % args.hellaswag_every == 0 or last):
@@ -605,6 +627,8 @@ def _train(args, rank, world, device):
             log.append(record)
             if not args.quiet:
                 say(_console_line(record, args.max_steps))
+            if record.get("profiled") and last:  # (also with --quiet: it is not a per-step line)
+                say(profiled)
         if args.sample_tokens and args.sample_every and done % args.sample_every == 0 and not last and master:
             enc = enc or gdata.encoding()
             say(f"--- sample at step {done} ---\n{sample(raw, enc, args, device, autocast)}")
@@ -624,6 +648,17 @@ def _train(args, rank, world, device):
         (out / "sample.txt").write_text(text + "\n")
         say(f"--- sample after {args.max_steps} steps ---\n{text}")
     return log
+
+
+def _profile_note(args, start):
+    """What else ran inside the profiled steps (their evaluations, samples, checkpoints), or None."""
+    first = max(start, args.max_steps - args.profile) + 1
+    extra = [f"{flag} at step {d}" for d in range(first, args.max_steps)
+             for flag, every in (("val loss", args.eval_every), ("HellaSwag", args.hellaswag_every),
+                                 ("sample", args.sample_every if args.sample_tokens else 0),
+                                 ("checkpoint", 0 if args.no_checkpoint else args.checkpoint_every))
+             if every and d % every == 0]
+    return ("the profiled window also holds " + ", ".join(extra) + ": their kernels are counted") if extra else None
 
 
 def _to_device(batch, device):

@@ -1,5 +1,6 @@
 """bench/: the results schema and --compare on fixture files, the static report's failure rule, the
 interpreter IO audit of the memory-bound kernels, the CPU mode, and (GPU only) a short real run."""
+import argparse
 import importlib.util
 import json
 import os
@@ -167,6 +168,106 @@ def test_summarize_log_excludes_warmup(tmp_path):
     assert s["tokens_per_sec"] == 105.0  # median of 103..107: the slow warm-up steps are out
     assert s["loss"] == 3 and s["peak_mem_bytes"] == 7000
     assert run.summarize_log(log, warmup=7)["status"] == "error"
+
+
+def test_summarize_log_leaves_out_the_profiled_steps_and_attaches_their_profile(tmp_path):
+    log = tmp_path / "log.jsonl"
+    steps = [{"step": i, "loss": 10 - i, "tokens_per_sec": 100.0 + i if i <= 5 else 1.0, "mfu": 0.1, "step_time_s": 1.0,
+              "peak_mem_bytes": 1, **({"profiled": True} if i > 5 else {})} for i in range(1, 8)]
+    log.write_text("\n".join(json.dumps(s) for s in steps) + "\n")
+    s = run.summarize_log(log, warmup=2)
+    assert s["steps_measured"] == 3 and s["tokens_per_sec"] == 104.0  # steps 3..5; the slow profiled 6, 7 are out
+    assert s["steps"] == 7 and s["loss"] == 3 and "profile" not in s  # no profile.json next to the log
+    (tmp_path / "profile.json").write_text(json.dumps({"steps": 2, "step_time_s": 1.5}))
+    assert run.summarize_log(log, warmup=2)["profile"] == {"steps": 2, "step_time_s": 1.5}
+    log.write_text("\n".join(json.dumps(s) for s in steps[:5]) + "\n")  # an older profile.json, no profiled step
+    assert "profile" not in run.summarize_log(log, warmup=2)
+    log.write_text("\n".join(json.dumps(s) for s in steps[:2] + steps[5:]) + "\n")
+    assert run.summarize_log(log, warmup=2)["status"] == "error"  # only profiled steps after the warm-up
+
+
+@pytest.mark.parametrize("profiled", [2, 0])
+def test_train_run_adds_the_profiled_steps_after_the_timed_ones(monkeypatch, tmp_path, profiled):
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        n = int(cmd[cmd.index("--max-steps") + 1])
+        (out / "log.jsonl").write_text("".join(json.dumps(
+            {"step": i, "loss": 1.0, "tokens_per_sec": 10.0, "mfu": None, "step_time_s": 1.0, "peak_mem_bytes": None,
+             **({"profiled": True} if i > n - profiled else {})}) + "\n" for i in range(1, n + 1)))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    args = run.parse_args(["--e2e", "--e2e-steps", "6", "--e2e-warmup", "2", "--e2e-profile", str(profiled)])
+    r = run.train_run("triton", ("--cuda-graph",), args, tmp_path / "r")
+    cmd = seen["cmd"]
+    assert cmd[cmd.index("--max-steps") + 1] == str(6 + profiled)
+    assert ("--profile" in cmd) == bool(profiled) and cmd[-1] == "--cuda-graph"
+    if profiled:
+        assert cmd[cmd.index("--profile") + 1] == "2"
+    assert r["status"] == "ok" and r["steps"] == 6 + profiled and r["steps_measured"] == 4
+
+
+@pytest.mark.parametrize("logged, timeout, status", [(8, False, "ok"), (8, True, "ok"), (5, False, "error"), (5, True, "error")])
+def test_a_run_that_fails_in_its_profiled_steps_keeps_its_timed_ones(monkeypatch, tmp_path, logged, timeout, status):
+    """The profiler (CUPTI, CUDA graphs) failing or hanging after the timed steps costs the profile, not the run;
+    failing before them is an error. The log's last line may be cut short by the kill."""
+    def fake_run(cmd, **kw):
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        lines = [json.dumps({"step": i, "loss": 1.0, "tokens_per_sec": 10.0 * i, "mfu": None, "step_time_s": 1.0,
+                             "peak_mem_bytes": None, **({"profiled": True} if i > 6 else {})}) for i in range(1, logged + 1)]
+        (out / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "lo')
+        if timeout:
+            raise subprocess.TimeoutExpired(cmd, 5)
+        return subprocess.CompletedProcess(cmd, -11, "", "Segmentation fault in libcupti")
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    args = run.parse_args(["--e2e", "--e2e-steps", "6", "--e2e-warmup", "2"])
+    r = run.train_run("triton", ("--cuda-graph",), args, tmp_path / "r")
+    assert r["status"] == status
+    if status == "ok":
+        assert r["steps_measured"] == 4 and r["tokens_per_sec"] == 45.0 and "profile" not in r
+        assert r["profile_error"].startswith("the profiled steps failed (the timed ones had finished): ")
+        assert ("timed out" if timeout else "libcupti") in r["profile_error"]
+        md = report.e2e_markdown([{"name": "triton --cuda-graph", **r}])
+        assert "| profiled steps failed: " in md
+    else:
+        assert ("timed out" if timeout else "exit -11") in r["reason"]
+    args0 = run.parse_args(["--e2e", "--e2e-steps", "6", "--e2e-warmup", "2", "--e2e-profile", "0"])
+    assert run.train_run("triton", (), args0, tmp_path / "r0")["status"] == "error"  # nothing was profiled: a failure
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU run of the trainer (a GPU machine times the real ones)")
+def test_train_run_profiles_for_real_on_cpu(tmp_path):
+    ns = argparse.Namespace(e2e_batch=2, e2e_seq=32, e2e_steps=2, e2e_warmup=1, e2e_profile=1, e2e_timeout=600,
+                            data="shakespeare")
+    r = run.train_run("torch", (), ns, tmp_path / "tiny", model="tiny")
+    assert r["status"] == "ok", r.get("reason")
+    assert r["steps"] == 3 and r["steps_measured"] == 1
+    assert r["profile"]["steps"] == 1 and r["profile"]["device_busy_s"] is None and r["profile"]["host_top_ops"]
+    md = report.e2e_markdown([{"name": "torch", **r}])
+    assert "Where a step's time goes" in md and "| torch | " in md.split("Where a step's time goes")[1]
+
+
+def test_e2e_markdown_breakdown_of_profiled_runs():
+    prof = {"step_time_s": 0.040, "device_busy_s": 0.030, "device_idle_fraction": 0.25, "kernels_per_step": 812,
+            "device_bound_tokens_per_sec": 546133.0, "device_bound_mfu": 0.4716,
+            "categories": {"matmul": {"ms_per_step": 18.5}, "attention": {"ms_per_step": 4.75},
+                           "layer_norm": {"ms_per_step": 2.5}, "copy/cast": {"ms_per_step": 0.75},
+                           "fill": {"ms_per_step": 0.25}}}
+    rows = [{"name": "torch", "status": "ok", "tokens_per_sec": 400000.0, "mfu": 0.35, "peak_mem_bytes": 2**30, "loss": 9.0,
+             "profile": prof},
+            {"name": "triton", "status": "ok", "tokens_per_sec": 300000.0, "mfu": 0.26, "peak_mem_bytes": None, "loss": 9.0},
+            {"name": "cuda", "status": "unavailable", "reason": "no nvcc"}]
+    md = report.e2e_markdown(rows)
+    lines = md.split("Where a step's time goes")[1].splitlines()
+    assert "| run | step ms | busy ms | GPU idle | device-bound tok/s | its MFU | kernels/step | matmul | attention |" in md
+    (line,) = [x for x in lines if x.startswith("| torch |")]
+    assert line == "| torch | 40.00 | 30.00 | 25% | 546,133 | 47.2% | 812 | 18.50 | 4.75 | 2.50 | - | - | - | - | 1.00 |"
+    assert not any(x.startswith("| triton |") for x in lines)  # not profiled: no line
+    assert "Where a step's time goes" not in report.e2e_markdown(rows[1:])
 
 
 def test_speedup_plot_picks_the_strongest_baseline_on_our_timing_basis():
@@ -906,6 +1007,9 @@ def test_parse_args():
         with pytest.raises(SystemExit):
             run.parse_args(bad)
     assert run.parse_args(["--e2e", "--e2e-steps", "5", "--e2e-warmup", "4"]).e2e_warmup == 4
+    assert run.parse_args(["--e2e"]).e2e_profile == 2 and run.parse_args(["--e2e", "--e2e-profile", "0"]).e2e_profile == 0
+    with pytest.raises(SystemExit):
+        run.parse_args(["--e2e", "--e2e-profile", "-1"])
 
 
 def test_quantiles_median_p20_p80():
@@ -1038,3 +1142,32 @@ def test_host_overhead_times_our_op_and_its_reference(monkeypatch):
         name = _op_name(op)
         want += [[("ours", name, True)], [("ours", name, False)], [("ref", name, True)]]
     assert timed == want
+
+
+# ---- bench/gpu_session.sh ------------------------------------------------------------------------
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of the script: on a GPU it would run the real steps")
+def test_gpu_session_leaves_one_tarball_in_out(tmp_path):
+    """The device tool brings back at most 8 files (16 MiB each) from $OUT: the script leaves exactly one, the
+    tarball of its run folder, rewritten after every step, without the profiler's traces."""
+    out, run_dir = tmp_path / "out", tmp_path / "session"
+    e2e = run_dir / "run" / "e2e" / "torch"
+    e2e.mkdir(parents=True)
+    (e2e / "trace.json.gz").write_bytes(b"x" * 1000)  # as a profiled e2e run leaves them
+    (e2e / "profile.json").write_text("{}")
+    env = {**_env(), "OUT": str(out), "RUN_DIR": str(run_dir), "GPU_SESSION_NO_INSTALL": "1",
+           "TESTS": "tests/test_flops.py", "TESTS_TIMEOUT": "300"}
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "tests e2e"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "pytest rc=0" in proc.stdout and "e2e rc=0" in proc.stdout
+    assert [p.name for p in out.iterdir()] == ["run.tgz"]
+    import tarfile
+
+    with tarfile.open(out / "run.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"run/env.txt", "run/pytest.log", "run/e2e.log", "run/e2e/torch/profile.json"} <= names
+    assert not any(n.endswith("trace.json.gz") for n in names)
+    bad = subprocess.run(["bash", "bench/gpu_session.sh", "nope"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert bad.returncode == 2 and "unknown step nope" in bad.stdout

@@ -130,6 +130,16 @@ def table(summary):
     return "\n".join(lines)
 
 
+def device_kernels(events):
+    """(name, start_us, end_us) of the GPU's own work among profiler events: kernels, memcpy, memset. Not the
+    GPU-side spans of record_function ranges (user annotations, e.g. "Optimizer.step#AdamW.step"): they cover
+    the gaps between their kernels, and would count those kernels twice."""
+    import torch
+
+    return [(e.name, e.time_range.start, e.time_range.end) for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
 class StepProfiler:
     """Profiles the steps between start() and finish(): the trainer calls start() before the first profiled
     step, step_done(seconds) after each one's training work, and finish() after the last."""
@@ -163,12 +173,9 @@ class StepProfiler:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.prof.__exit__(None, None, None)
-        events = self.prof.events()
-        device_kernels = [(e.name, e.time_range.start, e.time_range.end) for e in events
-                          if e.device_type == torch.autograd.DeviceType.CUDA]
         host = [(a.key, a.count, a.self_cpu_time_total) for a in self.prof.key_averages()
                 if a.device_type == torch.autograd.DeviceType.CPU]
-        summary = summarize(device_kernels, self.step_times, host, **kwargs)
+        summary = summarize(device_kernels(self.prof.events()), self.step_times, host, **kwargs)
         (out / "profile.json").write_text(json.dumps(summary, indent=1) + "\n")
         self.prof.export_chrome_trace(str(out / "trace.json.gz"))
         self.prof = None

@@ -105,6 +105,20 @@ def test_summary_per_step_shares_busy_time_and_device_bound_rate():
     assert "device-bound: 2,520,615 tokens/s per device, MFU 252.1%" in text and "note: n" in text
 
 
+def test_device_kernels_leave_out_host_events_and_gpu_annotations():
+    import types
+
+    import torch
+
+    def ev(name, device, annotation=False, start=0.0, end=1.0):
+        return types.SimpleNamespace(name=name, device_type=getattr(torch.autograd.DeviceType, device),
+                                     is_user_annotation=annotation, time_range=types.SimpleNamespace(start=start, end=end))
+    events = [ev("aten::mm", "CPU"), ev("nvjet_gemm", "CUDA", start=2, end=5),
+              ev("Optimizer.step#AdamW.step", "CUDA", annotation=True, start=0, end=50),  # spans its kernels' gaps
+              ev("Memset (Device)", "CUDA", start=6, end=7), ev("my_range", "CPU", annotation=True)]
+    assert P.device_kernels(events) == [("nvjet_gemm", 2, 5), ("Memset (Device)", 6, 7)]
+
+
 def test_summary_without_device_kernels_or_peak():
     s = P.summarize([], [1.0, 3.0, 2.0], [("aten::mm", 3, 3000.0)], tokens_per_step=100)
     assert s["step_time_s"] == 2.0 and s["device_busy_s"] is None and s["device_idle_fraction"] is None

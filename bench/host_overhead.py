@@ -11,7 +11,9 @@ Three paths per op: the eager fast path (kernels/_eager.py), the same call throu
 (dispatcher + the op's registered autograd), and the `torch` backend on the same tiny tensors (real
 but tiny CPU compute: a rough eager-PyTorch yardstick, not a like-for-like figure).
 The last column estimates the host time of one GPT-2 124M micro-step's calls of that op (fast path).
-The last row is a whole micro-step: the 12-layer model, forward + backward, at tiny widths.
+The last row is a whole micro-step: the 12-layer model, forward + backward, at tiny widths. With --compiled,
+one more: the same micro-step of the model under torch.compile, where our ops are custom ops called from the
+compiled graph (the "custom op" column) against the torch backend compiled (its tiny CPU compute included).
 """
 import argparse
 import json
@@ -56,7 +58,7 @@ def _time_us(fn, reps=7, number=300):
     return statistics.median(samples), min(samples), max(samples)
 
 
-def measure(number=300):
+def measure(number=300, compiled=False):
     # The triton backend accepts CPU tensors only in interpreter mode (checked at each call); with the
     # kernels stubbed it does not matter whether triton was imported in that mode.
     os.environ["TRITON_INTERPRET"] = "1"
@@ -112,6 +114,8 @@ def measure(number=300):
         result["ms_per_step_fast_path"] = CALLS_PER_STEP[op] * result["fast_path"]["us"] / 1e3
         rows.append(result)
     rows.append(_model_row(torch, _eager, number))
+    if compiled:
+        rows.append(_compiled_row(torch, number))
     return {"what": "host time per fwd+bwd call, Triton launches stubbed, CPU tensors", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "rows": rows}
 
@@ -141,14 +145,38 @@ def _model_row(torch, _eager, number):
     return result
 
 
+def _compiled_row(torch, number):
+    """The micro-step of _model_row under torch.compile (default mode): kernels=triton, whose ops the compiled
+    graph calls as custom ops (the eager fast path does not apply there), against kernels=torch compiled."""
+    from gpt2.model import GPT, GPTConfig
+
+    config = GPTConfig(block_size=8, vocab_size=128, n_layer=12, n_head=2, n_embd=64)
+    idx = torch.randint(0, 128, (1, 8))
+    result = {"op": "GPT-2 micro-step under torch.compile (12 layers, tiny widths)", "fast_path": None}
+    for path, spec in (("custom_op", "triton"), ("torch_backend", "torch")):
+        torch.manual_seed(0)
+        model = torch.compile(GPT(config, kernels=spec))
+
+        def step(model=model):
+            _, loss = model(idx, idx)
+            loss.backward()
+        med, lo, hi = _time_us(step, reps=5, number=max(1, number // 10))
+        result[path] = {"us": med, "us_min": lo, "us_max": hi}
+    result["calls_per_step"] = 1
+    result["ms_per_step_fast_path"] = None
+    return result
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.host_overhead", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--number", type=int, default=300, help="calls per timing sample (7 samples, median)")
+    p.add_argument("--compiled", action="store_true",
+                   help="also the micro-step under torch.compile (compiles both models: about a minute on a CPU)")
     args = p.parse_args(argv)
     if args.number < 1:
         p.error(f"--number must be >= 1, got {args.number}")
-    doc = measure(args.number)
+    doc = measure(args.number, args.compiled)
     if args.json:
         print(json.dumps(doc))
         return 0
@@ -156,8 +184,10 @@ def main(argv=None):
     print("| op | fast path | custom op | torch backend (tiny CPU compute) | calls/step | fast path ms/step |")
     print("|---|---|---|---|---|---|")
     for r in doc["rows"]:
-        print(f"| {r['op']} | {r['fast_path']['us']:.1f} | {r['custom_op']['us']:.1f} | {r['torch_backend']['us']:.1f} | "
-              f"{r['calls_per_step']} | {r['ms_per_step_fast_path']:.2f} |")
+        fast = "-" if r["fast_path"] is None else f"{r['fast_path']['us']:.1f}"
+        per_step = "-" if r["ms_per_step_fast_path"] is None else f"{r['ms_per_step_fast_path']:.2f}"
+        print(f"| {r['op']} | {fast} | {r['custom_op']['us']:.1f} | {r['torch_backend']['us']:.1f} | "
+              f"{r['calls_per_step']} | {per_step} |")
     return 0
 
 

@@ -1171,3 +1171,27 @@ def test_gpu_session_leaves_one_tarball_in_out(tmp_path):
     bad = subprocess.run(["bash", "bench/gpu_session.sh", "nope"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     assert bad.returncode == 2 and "unknown step nope" in bad.stdout
+
+
+def test_host_overhead_compiled_row_and_its_table(monkeypatch, capsys):
+    """--compiled: the micro-step of both models under torch.compile (compile replaced by the identity here:
+    what is checked is the row and the table, not the compiler); the fast path has no entry there."""
+    from bench import host_overhead as H
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    specs = []
+    import gpt2.model
+
+    real = gpt2.model.GPT
+    monkeypatch.setattr(gpt2.model, "GPT", lambda config, kernels: (specs.append(kernels), real(config, kernels="torch"))[1])
+    row = H._compiled_row(torch, number=10)
+    assert specs == ["triton", "torch"] and row["fast_path"] is None and row["ms_per_step_fast_path"] is None
+    assert row["custom_op"]["us"] > 0 and row["torch_backend"]["us"] > 0
+    plain = {"op": "gelu", "fast_path": {"us": 1.0}, "custom_op": {"us": 2.0}, "torch_backend": {"us": 3.0},
+             "calls_per_step": 12, "ms_per_step_fast_path": 0.012}
+    monkeypatch.setattr(H, "measure", lambda number, compiled: {"what": "w", "torch": "t", "threads": 1,
+                                                                "rows": [plain] + ([row] if compiled else [])})
+    assert H.main(["--compiled"]) == 0
+    out = capsys.readouterr().out
+    assert "| gelu | 1.0 | 2.0 | 3.0 | 12 | 0.01 |" in out
+    assert "| GPT-2 micro-step under torch.compile (12 layers, tiny widths) | - | " in out

@@ -25,6 +25,8 @@ import statistics
 
 # (category, pattern searched in the lowercased kernel name); the first match wins, so the specific
 # patterns come before the generic ones (PyTorch's GELU is a "vectorized_elementwise_kernel<..Gelu..>").
+# "grad_clip" is the gradient norm; the clipping's scale and any other foreach op (a multi_tensor_apply
+# kernel, e.g. --cuda-graph's in-place zeroing of the grads) count as "optimizer".
 CATEGORIES = [
     ("attention", r"_attn_|flash|fmha|sdpa|cudnn.*(attn|mha|sdp)|efficient_attention|attention"),
     ("cross_entropy", r"ce_(row|prep|finish)_kernel|_ce_kernel|scale_kernel|softmax|nll_loss|cross_entropy"),

@@ -221,7 +221,7 @@ def e2e_markdown(rows):
         vs = f"{r['tokens_per_sec'] / base['tokens_per_sec']:.2f}x" if base else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         mem = f"{r['peak_mem_bytes'] / 2**30:.2f}" if r.get("peak_mem_bytes") else "-"
-        note = f" profiled steps failed: {_short(r['profile_error'], 60)} " if r.get("profile_error") else " "
+        note = f" profiled steps failed: {_short(r['profile_error'], 80)} " if r.get("profile_error") else " "
         out.append(f"| {r['name']} | {r['tokens_per_sec']:,.0f} | {vs} | {mfu} | {mem} | {r['loss']:.4f} |{note}|")
     profiled = [r for r in rows if r["status"] == "ok" and r.get("profile")]
     if profiled:

@@ -88,7 +88,8 @@ def summarize(kernels, step_times, host_ops=(), tokens_per_step=None, flops_per_
         "steps": steps, "step_time_s": wall, "kernels_per_step": len(kernels) / steps,
         "device_busy_s": busy_s if kernels else None,
         "device_idle_fraction": max(0.0, 1.0 - busy_s / wall) if kernels else None,
-        "categories": {c: {"ms_per_step": t / 1e3 / steps, "share_of_kernel_time": t / 1e6 / steps / kernel_s,
+        "categories": {c: {"ms_per_step": t / 1e3 / steps,
+                           "share_of_kernel_time": t / 1e6 / steps / kernel_s if kernel_s else 0.0,
                            "kernels_per_step": n / steps}
                        for c, (t, n) in sorted(by_cat.items(), key=lambda kv: -kv[1][0])},
         "top_kernels": [{"name": k[:160], "category": category(k), "ms_per_step": t / 1e3 / steps, "calls_per_step": n / steps}
@@ -97,7 +98,7 @@ def summarize(kernels, step_times, host_ops=(), tokens_per_step=None, flops_per_
                          for k, n, us in sorted(host_ops, key=lambda o: -o[2])[:top]],
         "tokens_per_step": tokens_per_step,
     }
-    if kernels and tokens_per_step:
+    if kernels and tokens_per_step and busy_s:
         rate = tokens_per_step / busy_s
         summary["device_bound_tokens_per_sec"] = rate
         summary["device_bound_mfu"] = rate * flops_per_token / peak_flops if flops_per_token and peak_flops else None

@@ -229,10 +229,11 @@ def test_a_run_that_fails_in_its_profiled_steps_keeps_its_timed_ones(monkeypatch
     assert r["status"] == status
     if status == "ok":
         assert r["steps_measured"] == 4 and r["tokens_per_sec"] == 45.0 and "profile" not in r
-        assert r["profile_error"].startswith("the profiled steps failed (the timed ones had finished): ")
-        assert ("timed out" if timeout else "libcupti") in r["profile_error"]
+        assert r["profile_error"].startswith("timed out after" if timeout else "exit -11: Segmentation fault in libcupti")
         md = report.e2e_markdown([{"name": "triton --cuda-graph", **r}])
-        assert "| profiled steps failed: " in md
+        # the note shows the cause itself (it was once all prefix)
+        assert ("| profiled steps failed: timed out after" if timeout else
+                "| profiled steps failed: exit -11: Segmentation fault in libcupti |") in md
     else:
         assert ("timed out" if timeout else "exit -11") in r["reason"]
     args0 = run.parse_args(["--e2e", "--e2e-steps", "6", "--e2e-warmup", "2", "--e2e-profile", "0"])
@@ -415,6 +416,7 @@ ROW = {"name": "k", "arch": "sm_90", "registers": 64, "spill_bytes": 0, "shared_
     ({"expect_mma": "wgmma", "mma_sync": 48}, 1, 0),  # a matmul kernel on Ampere's path on an H100
     ({"expect_mma": "tensor_cores", "mma_sync": 48}, 0, 0),
     ({"expect_mma": "tensor_cores"}, 1, 0),  # tl.dot as FMA
+    ({"expect_mma": "tensor_cores", "wgmma": 16}, 0, 0),  # wgmma alone is a tensor-core path too
     ({"mma_sync": 0, "wgmma": 0}, 0, 0),  # no rule: not a matmul kernel
 ])
 def test_static_rule(change, fails, warns):
@@ -728,6 +730,7 @@ def test_e2e_writes_its_json_after_every_run(monkeypatch, tmp_path, capsys):
         ("torch", "ok"), ("triton", "error"), ("triton,cross_entropy=cuda", "unavailable"),
         ("torch,cross_entropy=cuda", "unavailable"), ("torch,linear_cross_entropy=cuda", "unavailable")]
     assert doc["settings"]["completed"] == 5 and doc["settings"]["planned"][0] == "torch"
+    assert doc["settings"]["profiled_steps"] == 2 and "then 2 profiled step(s) (not timed)" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.tmp"))
     assert run.run_e2e(run.parse_args(["--e2e", "--e2e-filter", "nothing-matches"]), runner=runner) == 2
 
@@ -1178,7 +1181,8 @@ def test_host_overhead_compiled_row_and_its_table(monkeypatch, capsys):
     what is checked is the row and the table, not the compiler); the fast path has no entry there."""
     from bench import host_overhead as H
 
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    compile_kw = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: (compile_kw.append(kw), model)[1])
     specs = []
     import gpt2.model
 
@@ -1186,6 +1190,7 @@ def test_host_overhead_compiled_row_and_its_table(monkeypatch, capsys):
     monkeypatch.setattr(gpt2.model, "GPT", lambda config, kernels: (specs.append(kernels), real(config, kernels="torch"))[1])
     row = H._compiled_row(torch, number=10)
     assert specs == ["triton", "torch"] and row["fast_path"] is None and row["ms_per_step_fast_path"] is None
+    assert compile_kw == [{}, {}] and row["calls_per_step"] == 1  # default mode; one micro-step per call
     assert row["custom_op"]["us"] > 0 and row["torch_backend"]["us"] > 0
     plain = {"op": "gelu", "fast_path": {"us": 1.0}, "custom_op": {"us": 2.0}, "torch_backend": {"us": 3.0},
              "calls_per_step": 12, "ms_per_step_fast_path": 0.012}
@@ -1195,3 +1200,132 @@ def test_host_overhead_compiled_row_and_its_table(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "| gelu | 1.0 | 2.0 | 3.0 | 12 | 0.01 |" in out
     assert "| GPT-2 micro-step under torch.compile (12 layers, tiny widths) | - | " in out
+    assert out.rstrip().endswith(" | 1 | - |")  # the compiled row: 1 call, no fast-path ms/step
+
+
+def test_summarize_log_peak_memory_is_over_every_step(tmp_path):
+    """The peak is the run's: a warm-up step (compile, autotuning) or a profiled one may hold it."""
+    log = tmp_path / "log.jsonl"
+    steps = [{"step": i, "loss": 1.0, "tokens_per_sec": 100.0, "mfu": None, "step_time_s": 1.0,
+              "peak_mem_bytes": {1: 9000, 5: 7000}.get(i, 1000), **({"profiled": True} if i == 5 else {})}
+             for i in range(1, 6)]
+    log.write_text("\n".join(json.dumps(s) for s in steps) + "\n")
+    assert run.summarize_log(log, warmup=2)["peak_mem_bytes"] == 9000
+    assert run.summarize_log(log, warmup=2, limit=4)["peak_mem_bytes"] == 9000 and \
+        run.summarize_log(log, warmup=2, limit=4)["steps"] == 4
+
+
+def test_a_failed_run_whose_timed_steps_were_profiled_is_an_error(monkeypatch, tmp_path):
+    """Keeping a failed run's timed steps needs them unprofiled: if the profiled window reached into them,
+    their rate is not the run's, and the failure is the run's. A long failure is capped in the row."""
+    def fake_run(cmd, **kw):
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "log.jsonl").write_text("".join(json.dumps(
+            {"step": i, "loss": 1.0, "tokens_per_sec": 10.0, "mfu": None, "step_time_s": 1.0, "peak_mem_bytes": None,
+             **({"profiled": True} if i > 4 else {})}) + "\n" for i in range(1, 8)))
+        return subprocess.CompletedProcess(cmd, 1, "", "\n".join(["x" * 200] * 30))
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    args = run.parse_args(["--e2e", "--e2e-steps", "6", "--e2e-warmup", "2"])
+    assert run.train_run("triton", (), args, tmp_path / "r")["status"] == "error"
+
+    def fake_run_ok_steps(cmd, **kw):  # the timed steps clean, the profiled ones fail with a long stderr
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "log.jsonl").write_text("".join(json.dumps(
+            {"step": i, "loss": 1.0, "tokens_per_sec": 10.0, "mfu": None, "step_time_s": 1.0, "peak_mem_bytes": None})
+            + "\n" for i in range(1, 7)))
+        return subprocess.CompletedProcess(cmd, 1, "", "\n".join(["x" * 200] * 30))
+    monkeypatch.setattr(run.subprocess, "run", fake_run_ok_steps)
+    r = run.train_run("triton", (), args, tmp_path / "r2")
+    assert r["status"] == "ok" and len(r["profile_error"]) == 2000
+
+
+def test_train_run_without_an_e2e_profile_setting_does_not_profile(monkeypatch, tmp_path):
+    """bench --cpu's tiny training run passes a Namespace without e2e_profile: no profiled steps there."""
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen["cmd"] = cmd
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "log.jsonl").write_text("".join(json.dumps(
+            {"step": i, "loss": 1.0, "tokens_per_sec": 10.0, "mfu": None, "step_time_s": 1.0, "peak_mem_bytes": None})
+            + "\n" for i in range(1, 4)))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    ns = argparse.Namespace(e2e_batch=2, e2e_seq=8, e2e_steps=3, e2e_warmup=1, e2e_timeout=60, data="shakespeare")
+    assert run.train_run("torch", (), ns, tmp_path / "r", model="tiny")["status"] == "ok"
+    assert "--profile" not in seen["cmd"] and seen["cmd"][seen["cmd"].index("--max-steps") + 1] == "3"
+
+
+@pytest.mark.parametrize("row, cell", [
+    ({"wgmma": 12, "mma_sync": 0, "expect_mma": "wgmma"}, "12 wgmma"),
+    ({"wgmma": 0, "mma_sync": 48, "expect_mma": "wgmma"}, "48 mma.sync"),
+    ({"wgmma": 4, "mma_sync": 2, "expect_mma": "tensor_cores"}, "4 wgmma, 2 mma.sync"),
+    ({"wgmma": 0, "mma_sync": 0, "expect_mma": "tensor_cores"}, "none"),  # a matmul kernel without MMA: said
+    ({"wgmma": 0, "mma_sync": 0, "expect_mma": ""}, "-"),  # not a matmul kernel
+    ({}, "-"),  # a CUDA row: no PTX counts
+])
+def test_static_mma_cell(row, cell):
+    assert run._mma_cell(row) == cell
+
+
+def test_e2e_markdown_profile_table_shape_and_missing_values():
+    """The separator has one cell per header column; a CPU profile (no device kernels) shows dashes; a rate
+    without an MFU (unknown peak) shows the rate and a dash; a profile_error note stays on one line of the
+    table, its pipes escaped."""
+    cpu = {"step_time_s": 0.5, "device_busy_s": None, "device_idle_fraction": None, "kernels_per_step": 0,
+           "categories": {}}
+    gpu = {"step_time_s": 0.040, "device_busy_s": 0.030, "device_idle_fraction": 0.25, "kernels_per_step": 812,
+           "device_bound_tokens_per_sec": 546133.0, "device_bound_mfu": None, "categories": {}}
+    rows = [{"name": "cpu", "status": "ok", "tokens_per_sec": 10.0, "mfu": None, "peak_mem_bytes": None, "loss": 9.0,
+             "profile": cpu},
+            {"name": "gpu", "status": "ok", "tokens_per_sec": 10.0, "mfu": None, "peak_mem_bytes": None, "loss": 9.0,
+             "profile": gpu},
+            {"name": "bad", "status": "ok", "tokens_per_sec": 10.0, "mfu": None, "peak_mem_bytes": None, "loss": 9.0,
+             "profile_error": "exit -11: a | b\nTraceback (most recent call last): second line"}]
+    md = report.e2e_markdown(rows)
+    lines = md.split("Where a step's time goes")[1].splitlines()
+    (header,) = [x for x in lines if x.startswith("| run |")]
+    sep = lines[lines.index(header) + 1]
+    assert sep.count("|---") == header.count("|") - 1
+    (cpu_line,) = [x for x in lines if x.startswith("| cpu |")]
+    assert cpu_line.startswith("| cpu | 500.00 | - | - | - | - | 0 | ")
+    (gpu_line,) = [x for x in lines if x.startswith("| gpu |")]
+    assert gpu_line.startswith("| gpu | 40.00 | 30.00 | 25% | 546,133 | - | 812 | ")
+    (bad,) = [x for x in md.splitlines() if x.startswith("| bad |")]
+    assert bad.count("|") == 8 and "second line" not in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of the script: on a GPU it would run the real steps")
+def test_gpu_session_packs_before_its_steps_and_never_leaves_a_broken_tarball(tmp_path):
+    """The tarball is written once the environment is recorded, before any step (a call killed in its first step
+    still brings back env.txt), and only a whole new tarball replaces it: here tar cannot write its .part file
+    (a directory is in the way), so $OUT gets no run.tgz at all rather than a broken or partial one."""
+    import tarfile
+
+    env = {**_env(), "RUN_DIR": str(tmp_path / "session"), "GPU_SESSION_NO_INSTALL": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "nope"], cwd=ROOT, env={**env, "OUT": str(out)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2
+    with tarfile.open(out / "run.tgz") as tar:
+        assert "run/env.txt" in tar.getnames()
+    blocked = tmp_path / "blocked"
+    (blocked / "run.tgz.part").mkdir(parents=True)
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "nope"], cwd=ROOT, env={**env, "OUT": str(blocked)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and not (blocked / "run.tgz").exists()
+
+
+def test_gpu_session_keeps_its_run_folder_out_of_out_by_default(tmp_path):
+    """Without RUN_DIR the run folder is not under $OUT (which must hold the tarball alone): checked on the
+    script's own variable lines, without running it (it would write to the default /tmp/gpu_session)."""
+    script = (ROOT / "bench" / "gpu_session.sh").read_text().splitlines()
+    lines = [x for x in script if x.startswith(("OUT=", "RUN_DIR="))]
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "-c", "\n".join(lines) + '\necho "$RUN_DIR"'], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "OUT": str(out)})
+    run_dir = proc.stdout.strip()
+    assert run_dir and not (run_dir + "/").startswith(str(out) + "/"), run_dir

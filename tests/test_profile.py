@@ -190,3 +190,105 @@ def test_train_profile_on_a_gpu(text, tmp_path):  # noqa: F811
     assert 0 < s["device_busy_s"] and 0 <= s["device_idle_fraction"] < 1
     assert s["device_bound_tokens_per_sec"] >= 0.99 * s["tokens_per_step"] / s["step_time_s"]
     assert sum(c["share_of_kernel_time"] for c in s["categories"].values()) == pytest.approx(1.0)
+
+
+def test_summary_step_time_is_the_median_and_idle_share_never_negative():
+    """One slow step in the window (a checkpoint, say) does not move the step time (the median); kernels on
+    several streams can add up to more busy time than the median step's wall time: the idle share is then 0,
+    never negative. Without the FLOPs per token there is no MFU, even with the peak known."""
+    s = P.summarize([("nvjet_gemm", 0, 45_000)], [0.010, 0.010, 0.100], tokens_per_step=10, flops_per_token=None,
+                    peak_flops=1e15)
+    assert s["step_time_s"] == 0.010
+    assert s["device_busy_s"] == pytest.approx(0.015) and s["device_idle_fraction"] == 0.0
+    assert s["device_bound_tokens_per_sec"] == pytest.approx(10 / 0.015) and s["device_bound_mfu"] is None
+
+
+def test_summary_keeps_the_top_n_and_cuts_long_names():
+    kernels = [(f"k{i:02d}_" + "x" * 200, 0, 100 * (i + 1)) for i in range(15)]  # k14 the longest
+    host = [(f"op{i:02d}_" + "y" * 200, 1, float(i)) for i in range(15)]
+    s = P.summarize(kernels, [1.0], host)
+    assert [k["name"][:3] for k in s["top_kernels"]] == [f"k{i:02d}" for i in range(14, 2, -1)]  # the 12 longest
+    assert [o["name"][:4] for o in s["host_top_ops"]] == [f"op{i:02d}" for i in range(14, 2, -1)]
+    assert all(len(k["name"]) == 160 for k in s["top_kernels"] + s["host_top_ops"])
+    assert sum(c["kernels_per_step"] for c in s["categories"].values()) == 15  # the categories keep every kernel
+    small = P.summarize(kernels, [1.0], host, top=2)
+    assert len(small["top_kernels"]) == 2 and len(small["host_top_ops"]) == 2
+
+
+def test_step_profiler_finish_keeps_host_ops_apart_and_stops(tmp_path, monkeypatch):
+    """StepProfiler around a fake torch.profiler.profile: the host table takes the CPU entries of key_averages
+    only (a CUDA run also lists its kernels there), the device kernels come from the events, and finish()
+    leaves the profiler inactive."""
+    import types
+
+    import torch
+    import torch.profiler
+
+    CPU, CUDA = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    class FakeProfile:
+        def __init__(self, activities):
+            self.activities = activities
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return [types.SimpleNamespace(key="aten::mm", count=4, self_cpu_time_total=800.0, device_type=CPU),
+                    types.SimpleNamespace(key="nvjet_gemm", count=4, self_cpu_time_total=9000.0, device_type=CUDA)]
+
+        def events(self):
+            return [types.SimpleNamespace(name="nvjet_gemm", device_type=CUDA, is_user_annotation=False,
+                                          time_range=types.SimpleNamespace(start=0.0, end=3000.0))]
+
+        def export_chrome_trace(self, path):
+            open(path, "wb").close()
+    monkeypatch.setattr(torch.profiler, "profile", FakeProfile)
+    prof = P.StepProfiler(torch.device("cpu"))
+    assert not prof.active
+    prof.start()
+    assert prof.active
+    prof.step_done(0.004)
+    prof.step_done(0.004)
+    s = prof.finish(tmp_path, tokens_per_step=8)
+    assert not prof.active
+    assert [o["name"] for o in s["host_top_ops"]] == ["aten::mm"]
+    assert s["steps"] == 2 and s["device_busy_s"] == pytest.approx(0.0015) and s["categories"]["matmul"]["kernels_per_step"] == 0.5
+    assert json.loads((tmp_path / "profile.json").read_text()) == s and (tmp_path / "trace.json.gz").exists()
+
+
+def test_train_profile_can_cover_every_step(text, tmp_path):  # noqa: F811
+    out = tmp_path / "all"
+    train.main(args(text, out, "--profile", "2", steps=2))
+    assert [bool(r.get("profiled")) for r in read_log(out)] == [True, True]
+    assert json.loads((out / "profile.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("changes, note", [
+    ({}, None),  # window: steps 7, 8; the evaluations and checkpoint at step 8 run after the profiler stopped
+    ({"max_steps": 9}, "val loss at step 8, checkpoint at step 8"),
+    ({"max_steps": 10}, None),  # window: steps 9, 10; step 8 is before it
+    ({"max_steps": 9, "no_checkpoint": True}, "val loss at step 8"),
+    ({"max_steps": 9, "sample_tokens": 16}, "val loss at step 8, sample at step 8, checkpoint at step 8"),
+    ({"max_steps": 9, "eval_every": 0, "hellaswag_every": 2, "checkpoint_every": 0}, "HellaSwag at step 8"),
+    ({"max_steps": 13, "profile": 6}, "val loss at step 8, checkpoint at step 8, val loss at step 12, checkpoint at step 12"),
+])
+def test_profile_note_names_what_runs_inside_the_window(changes, note):
+    import argparse
+
+    ns = argparse.Namespace(**{"max_steps": 8, "profile": 2, "eval_every": 4, "hellaswag_every": 0, "sample_every": 4,
+                               "sample_tokens": 0, "checkpoint_every": 4, "no_checkpoint": False, **changes})
+    got = train._profile_note(ns, 0)
+    assert got == (None if note is None else f"the profiled window also holds {note}: their kernels are counted")
+
+
+def test_summary_of_zero_length_kernels_only():
+    """A window whose only device work has zero length (a memset the tracer saw as instantaneous): no division
+    by zero, no device-bound rate."""
+    s = P.summarize([("Memset (Device)", 5.0, 5.0)], [1.0], tokens_per_step=10, flops_per_token=1e9, peak_flops=1e15)
+    assert s["categories"]["fill"] == {"ms_per_step": 0.0, "share_of_kernel_time": 0.0, "kernels_per_step": 1.0}
+    assert s["device_busy_s"] == 0.0 and s["device_idle_fraction"] == 1.0 and "device_bound_tokens_per_sec" not in s
+    assert "idle 100.0%" in P.table(s)

@@ -120,25 +120,32 @@ def measure(number=300, compiled=False):
             "threads": torch.get_num_threads(), "rows": rows}
 
 
-def _model_row(torch, _eager, number):
-    """One GPT-2 micro-step's host time: the 124M model's 12 layers and every op call, at widths so small
-    (C = 64, 2 heads of 32, vocab 128, B = 1, T = 8) that the CPU compute is negligible: the forward +
-    backward of the whole model, kernels=triton (stubbed launches) against kernels=torch."""
+def _micro_step_us(torch, spec, number, compiled=False):
+    """Host time of one GPT-2 micro-step, forward + backward: the 124M model's 12 layers and every op call,
+    at widths so small (C = 64, 2 heads of 32, vocab 128, B = 1, T = 8) that the CPU compute is negligible;
+    kernels=spec, under torch.compile (default mode) when compiled. -> {"us", "us_min", "us_max"}."""
     from gpt2.model import GPT, GPTConfig
 
     config = GPTConfig(block_size=8, vocab_size=128, n_layer=12, n_head=2, n_embd=64)
     idx = torch.randint(0, 128, (1, 8))
+    torch.manual_seed(0)
+    model = GPT(config, kernels=spec)
+    model = torch.compile(model) if compiled else model
+
+    def step():
+        _, loss = model(idx, idx)
+        loss.backward()
+    med, lo, hi = _time_us(step, reps=5, number=max(1, number // 10))
+    return {"us": med, "us_min": lo, "us_max": hi}
+
+
+def _model_row(torch, _eager, number):
+    """One GPT-2 micro-step's host time (_micro_step_us): kernels=triton (stubbed launches) through the fast
+    path and through the custom ops, against kernels=torch."""
     result = {"op": "GPT-2 micro-step (12 layers, tiny widths)"}
     for path, spec, enabled in (("fast_path", "triton", True), ("custom_op", "triton", False), ("torch_backend", "torch", True)):
-        torch.manual_seed(0)
-        model = GPT(config, kernels=spec)
         _eager.ENABLED = enabled
-
-        def step(model=model):
-            _, loss = model(idx, idx)
-            loss.backward()
-        med, lo, hi = _time_us(step, reps=5, number=max(1, number // 10))
-        result[path] = {"us": med, "us_min": lo, "us_max": hi}
+        result[path] = _micro_step_us(torch, spec, number)
     _eager.ENABLED = True
     result["calls_per_step"] = 1
     result["ms_per_step_fast_path"] = result["fast_path"]["us"] / 1e3
@@ -148,23 +155,10 @@ def _model_row(torch, _eager, number):
 def _compiled_row(torch, number):
     """The micro-step of _model_row under torch.compile (default mode): kernels=triton, whose ops the compiled
     graph calls as custom ops (the eager fast path does not apply there), against kernels=torch compiled."""
-    from gpt2.model import GPT, GPTConfig
-
-    config = GPTConfig(block_size=8, vocab_size=128, n_layer=12, n_head=2, n_embd=64)
-    idx = torch.randint(0, 128, (1, 8))
-    result = {"op": "GPT-2 micro-step under torch.compile (12 layers, tiny widths)", "fast_path": None}
-    for path, spec in (("custom_op", "triton"), ("torch_backend", "torch")):
-        torch.manual_seed(0)
-        model = torch.compile(GPT(config, kernels=spec))
-
-        def step(model=model):
-            _, loss = model(idx, idx)
-            loss.backward()
-        med, lo, hi = _time_us(step, reps=5, number=max(1, number // 10))
-        result[path] = {"us": med, "us_min": lo, "us_max": hi}
-    result["calls_per_step"] = 1
-    result["ms_per_step_fast_path"] = None
-    return result
+    return {"op": "GPT-2 micro-step under torch.compile (12 layers, tiny widths)", "fast_path": None,
+            "custom_op": _micro_step_us(torch, "triton", number, compiled=True),
+            "torch_backend": _micro_step_us(torch, "torch", number, compiled=True),
+            "calls_per_step": 1, "ms_per_step_fast_path": None}
 
 
 def main(argv=None):

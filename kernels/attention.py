@@ -770,7 +770,8 @@ def compile_specs():
                                  ("bwd_dq", _attn_bwd_dq, dq_sig, _DQ_CONFIGS)):
         fallback = _FALLBACK_CONFIGS[kind.replace("bwd_", "")]
         for bm, bn, warps, stages in table + fallback:
-            label = " (fallback)" if (bm, bn, warps, stages) in fallback else ""
+            is_fallback = (bm, bn, warps, stages) in fallback
+            label = " (fallback)" if is_fallback else ""
             specs.append(AotSpec(
                 name=f"attention_{kind} bf16 D=64 T=1024 BLOCK_M={bm} BLOCK_N={bn} w{warps} s{stages}{label}", fn=fn.fn,
                 signature={**sig, "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
@@ -779,7 +780,7 @@ def compile_specs():
                 aligned=aligned(sig), num_warps=warps, num_stages=stages,
                 # the configs the autotuner picks among must reach Hopper's wgmma on sm_90; the small fallback
                 # tiles (a card with little shared memory) must at least use tensor cores
-                mma="tensor_cores" if label else "wgmma"))
+                mma="tensor_cores" if is_fallback else "wgmma"))
     specs.append(AotSpec(
         name=f"attention_bwd_preprocess bf16 D=64 T=1024 BLOCK_M={_PREPROCESS_BLOCK_M}", fn=_attn_bwd_preprocess_kernel,
         signature={**pre_sig, "HEAD_DIM": "constexpr", "BLOCK_M": "constexpr"},
